@@ -1,0 +1,197 @@
+"""PyTorch hooks that apply interventions at positions, and the per-call state they read.
+
+One hook is registered per site (module + input/output), whatever the number of
+interventions or adapters there. Hooks are persistent while interventions are attached and
+do nothing unless a :class:`CallState` is active, so calling the base model directly always
+gives base outputs. Per-call positions live in the :class:`CallState`, never on the model.
+
+Applying an intervention never clones the hidden state in place of the model's own tensors
+and never moves data to the host: positions are moved to the device once per call, padded
+entries (``-1``) are masked, and the edit is scattered with one ``index_put`` (accumulate) so
+padding can never overwrite a real position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .components import Site
+from .errors import NumericalError
+from .interventions import Intervention
+
+
+@dataclass
+class CallState:
+    """Everything a forward (or one ``generate``) call needs from the hooks.
+
+    ``positions[key]`` is a CPU ``[batch, n]`` tensor (``-1`` = padding) or ``None`` for all
+    positions. ``prompt_length`` splits the sequence into prompt positions (where
+    ``positions`` apply when ``on_prompt``) and generated positions (all of them are edited
+    when ``on_generated``). ``row_masks[adapter]`` restricts an adapter to some rows.
+    """
+
+    positions: dict[str, torch.Tensor | None]
+    batch_size: int
+    prompt_length: int
+    active: tuple[str, ...]
+    on_prompt: bool = True
+    on_generated: bool = False
+    enabled: bool = True
+    row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    check_finite: bool = False
+    initial_offset: int = 0
+    chunk_start: int = 0
+    chunk_length: int = 0
+    next_start: int = 0
+    chunks_seen: int = 0
+    _cache: dict[tuple, Any] = field(default_factory=dict)
+
+    def begin_chunk(self, length: int, has_cache: bool) -> None:
+        """Record which absolute positions the current forward covers (KV-cache aware)."""
+        if self.chunks_seen == 0:
+            start = self.initial_offset
+        elif not has_cache:
+            start = 0  # no cache: every step re-reads the whole sequence
+        else:
+            start = self.next_start
+        self.chunk_start, self.chunk_length, self.next_start = start, length, start + length
+        self.chunks_seen += 1
+
+    def _expand_rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+        if tensor.shape[0] == batch:
+            return tensor
+        # generate() expands each row for beams / num_return_sequences: [a, a, b, b, ...]
+        if batch % tensor.shape[0]:
+            raise RuntimeError(f"reftlib: batch of {batch} rows cannot come from {tensor.shape[0]} input rows")
+        return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
+
+    def device_positions(self, key: str, device: torch.device, batch: int, start: int):
+        """``(row_index, position_index, valid_mask)`` on ``device`` for the current chunk."""
+        cache_key = ("pos", key, device, batch, start)
+        hit = self._cache.get(cache_key)
+        if hit is None:
+            pos = self._expand_rows(self.positions[key], batch)
+            if start:
+                pos = torch.where(pos >= start, pos - start, -1)
+            valid = pos >= 0
+            pos = pos.clamp(min=0).to(device, non_blocking=True)
+            rows = torch.arange(batch, device=device).unsqueeze(1).expand_as(pos)
+            hit = (rows, pos, valid.to(device, non_blocking=True))
+            self._cache[cache_key] = hit
+        return hit
+
+    def row_mask(self, adapter: str, device: torch.device, batch: int) -> torch.Tensor | None:
+        mask = self.row_masks.get(adapter)
+        if mask is None:
+            return None
+        cache_key = ("rows", adapter, device, batch)
+        hit = self._cache.get(cache_key)
+        if hit is None:
+            hit = self._expand_rows(mask, batch).to(device, non_blocking=True)
+            self._cache[cache_key] = hit
+        return hit
+
+
+def _masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    while mask.dim() < delta.dim():
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+
+
+def apply_at_positions(h, intervention, rows, pos, valid, row_mask=None):
+    """Edit ``h[b, pos[b, j]]`` for every valid ``(b, j)``; everything else is left as is."""
+    old = h[rows, pos]
+    delta = intervention.delta(old)
+    mask = valid if row_mask is None else valid & row_mask.unsqueeze(1)
+    return torch.index_put(h, (rows, pos), _masked(delta, mask), accumulate=True)
+
+
+def apply_on_range(h, intervention, start: int, end: int, row_mask=None):
+    """Edit every position in ``[start, end)`` of the sequence dimension."""
+    length = h.shape[1]
+    if start >= end:
+        return h
+    segment = h if (start == 0 and end == length) else h[:, start:end]
+    delta = intervention.delta(segment)
+    if row_mask is not None:
+        delta = _masked(delta, row_mask)
+    if segment is h:
+        return h + delta
+    return torch.cat([h[:, :start], segment + delta, h[:, end:]], dim=1)
+
+
+class SiteHook:
+    """The single hook of one site; applies every active intervention registered there."""
+
+    def __init__(self, site: Site, get_state: Callable[[], CallState | None]) -> None:
+        self.site = site
+        self.get_state = get_state
+        self.entries: list[tuple[str, str, Intervention]] = []  # (adapter, key, intervention)
+        if site.kind == "input":
+            self.handle = site.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        else:
+            self.handle = site.module.register_forward_hook(self._hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    # -- hook bodies -----------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        state = self.get_state()
+        if state is None or not state.enabled:
+            return None
+        if args:
+            if not isinstance(args[0], torch.Tensor):
+                return None
+            return (self.apply(args[0], state), *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs = dict(kwargs, hidden_states=self.apply(kwargs["hidden_states"], state))
+            return args, kwargs
+        return None
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any):
+        state = self.get_state()
+        if state is None or not state.enabled:
+            return None
+        if isinstance(output, torch.Tensor):
+            return self.apply(output, state)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self.apply(output[0], state), *output[1:])
+        return None
+
+    # -- the edit ---------------------------------------------------------------------------
+    def apply(self, hidden: torch.Tensor, state: CallState) -> torch.Tensor:
+        flat = hidden.dim() == 2  # some models (OPT's MLP) flatten [batch, seq] into one dimension
+        if flat:
+            length = state.chunk_length
+            if not length or hidden.shape[0] % length:
+                return hidden
+            hidden = hidden.unflatten(0, (hidden.shape[0] // length, length))
+        heads = self.site.num_heads
+        h = hidden.unflatten(-1, (heads, hidden.shape[-1] // heads)) if heads else hidden
+        batch, length = h.shape[0], h.shape[1]
+        start, prompt_length = state.chunk_start, state.prompt_length
+        for adapter, key, intervention in self.entries:
+            if adapter not in state.active:
+                continue
+            row_mask = state.row_mask(adapter, h.device, batch)
+            if state.on_prompt and start < prompt_length:
+                if state.positions.get(key) is None:
+                    h = apply_on_range(h, intervention, 0, min(prompt_length - start, length), row_mask)
+                else:
+                    rows, pos, valid = state.device_positions(key, h.device, batch, start)
+                    h = apply_at_positions(h, intervention, rows, pos, valid, row_mask)
+            if state.on_generated and start + length > prompt_length:
+                h = apply_on_range(h, intervention, max(prompt_length - start, 0), length, row_mask)
+            if state.check_finite and not bool(torch.isfinite(h).all()):
+                raise NumericalError(
+                    f"intervention {key!r} (adapter {adapter!r}) at {self.site.path} ({self.site.kind}) produced "
+                    "NaN or inf; lower the learning rate, use dtype='float32' for the intervention, or check the inputs"
+                )
+        h = h.flatten(-2) if heads else h
+        return h.flatten(0, 1) if flat else h

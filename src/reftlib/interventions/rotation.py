@@ -1,0 +1,53 @@
+"""A low-rank matrix with orthonormal rows, parametrized in fp32.
+
+``R ∈ ℝ^{r×d}`` is stored as an unconstrained ``d×r`` parameter ``raw`` and orthonormalized by a
+QR decomposition on every access that needs gradients (``R = Qᵀ``, with signs fixed so that
+the map is smooth and ``raw`` is returned unchanged when it is already orthonormal). Only
+``d×r`` numbers are stored and saved, never a ``d×d`` basis, and the decomposition always runs
+in fp32 because QR has no half-precision kernels. Without gradients (inference, generation)
+the result is cached until ``raw`` changes, so decode steps never recompute it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OrthonormalRows(nn.Module):
+    """``weight`` is a ``[r, d]`` matrix whose rows are orthonormal (``R Rᵀ = I``)."""
+
+    def __init__(self, embed_dim: int, rank: int) -> None:
+        super().__init__()
+        raw = torch.empty(embed_dim, rank, dtype=torch.float32)
+        nn.init.orthogonal_(raw)
+        self.raw = nn.Parameter(raw)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The orthonormalized ``[r, d]`` matrix R, in fp32."""
+        raw = self.raw
+        if torch.is_grad_enabled() and raw.requires_grad:
+            return _orthonormalize(raw)
+        key = (raw.data_ptr(), raw._version, raw.device, raw.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, _orthonormalize(raw))
+        return self._cache[1]
+
+    @torch.no_grad()
+    def set_weight(self, rows: torch.Tensor) -> None:
+        """Load an ``[r, d]`` matrix with orthonormal rows (e.g. a rotation saved by pyreft)."""
+        self.raw.copy_(rows.detach().to(self.raw.dtype).T)
+
+    def extra_repr(self) -> str:
+        d, r = self.raw.shape
+        return f"rank={r}, embed_dim={d}"
+
+
+def _orthonormalize(raw: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(raw.float(), mode="reduced")
+    signs = torch.sign(torch.diagonal(r))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (q * signs).T
