@@ -186,7 +186,7 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 
 def _attach(reft_model: ReftModel, adapter_name: str, config_dict: dict[str, Any],
-            tensors: dict[str, torch.Tensor], is_trainable: bool, where: Path) -> None:
+            tensors: dict[str, torch.Tensor], is_trainable: bool, where: Path, activate: bool = True) -> None:
     config_dict = dict(config_dict)
     config_dict.pop("extra", None)
     try:
@@ -195,7 +195,7 @@ def _attach(reft_model: ReftModel, adapter_name: str, config_dict: dict[str, Any
         raise CheckpointError(f"cannot read the config in {where}: {exc}") from exc
     saved_type = config.base_model_type
     try:
-        reft_model.add_adapter(adapter_name, config, set_active=True)
+        reft_model.add_adapter(adapter_name, config, set_active=activate)
     except ReftConfigError as exc:
         model_type = getattr(reft_model.model.config, "model_type", None)
         raise CheckpointError(
@@ -251,6 +251,8 @@ def load_reft_model(path_or_repo_id, model, *, adapter_name: str = "default", is
         _attach(reft_model, adapter_name, config, tensors, is_trainable, folder)
         reft_model.set_adapter(adapter_name)
     if not is_trainable:
+        for param in reft_model.adapters.parameters():
+            param.requires_grad_(False)
         reft_model.eval()
     return reft_model
 
@@ -266,9 +268,8 @@ def load_adapter_into(reft_model: ReftModel, path_or_repo_id, adapter_name: str,
         )
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     config, tensors = read_adapter(folder)
-    active = reft_model.active_adapters
-    _attach(reft_model, adapter_name, config, tensors, is_trainable, folder)
-    reft_model.set_adapter(active or [adapter_name])  # loading does not change which adapters are active
+    # Loading does not change which adapters are active (the first adapter of a model becomes active).
+    _attach(reft_model, adapter_name, config, tensors, is_trainable, folder, activate=not reft_model.active_adapters)
 
 
 # --------------------------------------------------------------------------- hub

@@ -1,7 +1,8 @@
-"""DiReFT: direct low-rank edits, ``Φ(h) = h + W₂ᵀ act(W₁ h + b)``.
+"""DiReFT: direct low-rank edits, ``Φ(h) = h + Rᵀ act(W h + b)``.
 
-No orthogonality and no ``−Rh`` term: cheaper than LoReFT, comparable to a rank-r LoRA applied
-to hidden states. ``W₂`` is ``proj_layer.weight`` (``[r, d]``), ``W₁, b`` are ``learned_source``.
+No ``−Rh`` term: the edit is written into the rank-r subspace spanned by R's rows without
+first removing what is there. As in pyreft's implementation R keeps orthonormal rows
+(computed in fp32); :class:`~reftlib.NodireftIntervention` drops that constraint too.
 """
 
 from __future__ import annotations
@@ -11,21 +12,17 @@ from torch import nn
 
 from .base import register_intervention
 from .loreft import LowRankIntervention
+from .rotation import OrthonormalRows
 
 
 @register_intervention("direft")
 class DireftIntervention(LowRankIntervention):
-    """``h + W₂ᵀ act(W₁ h + b)``."""
-
-    def __init__(self, *, add_bias: bool = False, **kwargs) -> None:
-        super().__init__(add_bias=bool(add_bias), **kwargs)
+    """``h + Rᵀ act(W h + b)``, R with orthonormal rows."""
 
     def build_parameters(self) -> None:
-        # proj_layer's optional bias is kept for checkpoint compatibility with pyreft; the
-        # formula uses only its weight.
-        self.proj_layer = nn.Linear(self.embed_dim, self.rank, bias=self.config["add_bias"])
+        self.rotate_layer = OrthonormalRows(self.embed_dim, self.rank)
         self.learned_source = nn.Linear(self.embed_dim, self.rank)
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         x = h.to(self.learned_source.weight.dtype)
-        return self.act_fn(self.learned_source(x)) @ self.proj_layer.weight
+        return self.act_fn(self.learned_source(x)) @ self.rotate_layer.weight.to(x.dtype)

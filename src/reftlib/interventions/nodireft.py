@@ -1,15 +1,30 @@
-"""NodiReFT: DiReFT without any cast or constraint, ``Φ(h) = h + W₂ᵀ act(W₁ h + b)``.
+"""NodiReFT: DiReFT without orthogonality, ``Φ(h) = h + Pᵀ act(W h + b)``.
 
-Kept as its own type for compatibility with pyreft checkpoints and experiments; it computes
-in the intervention's dtype exactly as DiReFT does.
+The cheapest learned-edit ReFT: two unconstrained rank-r matrices, comparable to a LoRA on
+hidden states. ``P`` is ``proj_layer.weight`` (``[r, d]``); its optional bias (``add_bias``)
+exists for pyreft checkpoint compatibility and is unused by the formula, as in pyreft.
 """
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from .base import register_intervention
-from .direft import DireftIntervention
+from .loreft import LowRankIntervention
 
 
 @register_intervention("nodireft")
-class NodireftIntervention(DireftIntervention):
-    """``h + W₂ᵀ act(W₁ h + b)`` (same math as :class:`DireftIntervention`)."""
+class NodireftIntervention(LowRankIntervention):
+    """``h + Pᵀ act(W h + b)`` with an unconstrained P."""
+
+    def __init__(self, *, add_bias: bool = False, **kwargs) -> None:
+        super().__init__(add_bias=bool(add_bias), **kwargs)
+
+    def build_parameters(self) -> None:
+        self.proj_layer = nn.Linear(self.embed_dim, self.rank, bias=self.config["add_bias"])
+        self.learned_source = nn.Linear(self.embed_dim, self.rank)
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.learned_source.weight.dtype)
+        return self.act_fn(self.learned_source(x)) @ self.proj_layer.weight
