@@ -8,7 +8,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread per test process: tiny models are dominated by threading overhead, and pytest-xdist
+# already runs one worker per core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -225,13 +225,17 @@ def _attach(reft_model: ReftModel, adapter_name: str, config_dict: dict[str, Any
 
 
 def load_reft_model(path_or_repo_id, model, *, adapter_name: str = "default", is_trainable: bool = False,
-                    reft_model_class=None, **hub_kwargs: Any) -> ReftModel:
-    """Build a :class:`ReftModel` on ``model`` from a saved folder or Hub repo."""
+                    reft_model_class=None, disable_model_grads: bool = True, **hub_kwargs: Any) -> ReftModel:
+    """Build a :class:`ReftModel` on ``model`` from a saved folder or Hub repo.
+
+    ``disable_model_grads=False`` keeps the base model's trainable parameters (e.g. LoRA) as they are.
+    """
     from .model import ReftModel
 
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
-    for param in model.parameters():
-        param.requires_grad_(False)
+    if disable_model_grads:
+        for param in model.parameters():
+            param.requires_grad_(False)
     reft_model = (reft_model_class or ReftModel)(model)
     index_path = folder / INDEX_NAME
     if index_path.exists():

@@ -63,7 +63,8 @@ class ReftModel(nn.Module):
         self._state: CallState | None = None
         self._in_call = False
         self._disabled = False
-        self._tracker = model.register_forward_pre_hook(self._track_chunk, with_kwargs=True)
+        # On the innermost model: PEFT wrappers run generate() on the model they wrap, never through their forward.
+        self._tracker = _innermost_model(model).register_forward_pre_hook(self._track_chunk, with_kwargs=True)
         if config is not None:
             self.add_adapter(adapter_name, config)
 
@@ -147,13 +148,15 @@ class ReftModel(nn.Module):
             hook = self._site_hooks.get(site.key)
             if hook is None:
                 hook = self._site_hooks[site.key] = SiteHook(site, self._get_state)
-            hook.entries.append((adapter_name, key, modules[key]))
+            # Positions are looked up per call by the qualified key "adapter.key" (see _make_state).
+            hook.entries.append((adapter_name, f"{adapter_name}.{key}", modules[key]))
         if set_active or (set_active is None and not self._active):
             self._active.append(adapter_name)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make ``adapter_name`` (or a list, applied in that order) the active adapter(s)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = [adapter_name] if isinstance(adapter_name, str) or not isinstance(adapter_name, Sequence) \
+            else list(adapter_name)
         for name in names:
             self._check_adapter(name)
         if len(set(names)) != len(names):
@@ -177,7 +180,7 @@ class ReftModel(nn.Module):
         self._active = [a for a in self._active if a != adapter_name]
 
     def _check_adapter(self, name: Any) -> None:
-        if name not in self.adapters:
+        if not isinstance(name, str) or name not in self.adapters:
             raise AdapterError(f"unknown adapter {name!r}; this model has adapters {self.adapter_names}")
 
     @staticmethod
@@ -285,53 +288,36 @@ class ReftModel(nn.Module):
         self,
         attention_mask: torch.Tensor,
         unit_locations: Any,
-        adapter_names: Sequence[str | None] | None,
+        adapter_names: Sequence[str | Sequence[str] | None] | None,
         on_prompt: bool = True,
         on_generated: bool = False,
         initial_offset: int = 0,
         all_positions: bool = False,
     ) -> CallState:
+        """Resolve one call's adapters (per row) and positions into a :class:`CallState`.
+
+        Positions are kept per qualified key ``"adapter.key"``, so two adapters whose
+        interventions share a key may use different positions in the same call. A dict
+        ``unit_locations`` may name an intervention by its qualified key (``"a.layer_1_block_output"``:
+        that adapter only) or by its plain key (``"layer_1_block_output"``: every adapter of the
+        call that has it); a qualified entry wins over a plain one. Integer dict keys and the
+        per-intervention list form index the interventions in stacking order (adapters in call
+        order, then each adapter's interventions in config order).
+        """
         batch, length = attention_mask.shape
         if batch == 0:
             raise InputError("the batch is empty (0 rows); pass at least one example")
-        active = list(self._active)
-        row_masks: dict[str, torch.Tensor] = {}
-        if adapter_names is not None:
-            if isinstance(adapter_names, str) or len(adapter_names) != batch:
-                raise AdapterError(
-                    f"adapter_names must be a list with one entry per row ({batch} rows), got {adapter_names!r}"
-                )
-            used = []
-            for name in adapter_names:
-                for part in self._split_adapters(name):
-                    self._check_adapter(part)
-                    if part not in used:
-                        used.append(part)
-            for name in used:
-                row_masks[name] = torch.tensor([name in self._split_adapters(n) for n in adapter_names])
-            active = used
-        keys = [key for name in active for key in self.adapters[name].keys()]
-        if len(set(keys)) != len(keys):
-            qualified = True
-            keys = [f"{name}.{key}" for name in active for key in self.adapters[name].keys()]
+        if adapter_names is None:
+            active, row_masks = list(self._active), {}
         else:
-            qualified = False
-        specs = {}
-        for name in active:
-            for rep in self.reft_configs[name].representations:
-                specs[f"{name}.{rep.name}" if qualified else rep.name] = rep.positions
+            active, row_masks = self._rows_of_adapters(adapter_names, batch)
+        keys = [f"{name}.{key}" for name in active for key in self.adapters[name]]
+        specs = {f"{name}.{rep.name}": rep.positions for name in active for rep in self.reft_configs[name].representations}
         if all_positions:
             positions = dict.fromkeys(keys)
         else:
-            positions = normalize_unit_locations(unit_locations, keys, specs, attention_mask)
-        if qualified:  # hooks look positions up by the plain key of each adapter's intervention
-            raise_if = [k for k in positions if positions[k] is not None]
-            if raise_if and len({k.split(".", 1)[1] for k in raise_if}) != len(raise_if):
-                raise PositionError(
-                    "two active adapters have interventions with the same name and different positions; "
-                    "give the same positions to both or rename one"
-                )
-            positions = {k.split(".", 1)[1]: v for k, v in positions.items()}
+            locations = self._qualify_locations(unit_locations, active)
+            positions = normalize_unit_locations(locations, keys, specs, attention_mask)
         return CallState(
             positions=positions,
             batch_size=batch,
@@ -344,11 +330,87 @@ class ReftModel(nn.Module):
             initial_offset=initial_offset,
         )
 
+    def _rows_of_adapters(
+        self, adapter_names: Sequence[str | Sequence[str] | None], batch: int
+    ) -> tuple[list[str], dict[str, torch.Tensor]]:
+        """Stacking order of the adapters used by a mixed batch and each one's boolean row mask.
+
+        Each row names an adapter, ``None`` (base model) or a list of adapters applied in that
+        order. The call's order merges every row's order (first appearance breaks ties); rows
+        that stack the same adapters in opposite orders are rejected. Adapters used by every row
+        get no mask.
+        """
+        if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence) \
+                or len(adapter_names) != batch:
+            raise AdapterError(
+                f"adapter_names must be a list with one entry per row ({batch} rows): an adapter name, None "
+                f"(base model) or a list of names (stacked in that order); got {adapter_names!r}"
+            )
+        stacks = []
+        for i, entry in enumerate(adapter_names):
+            stack = self._split_adapters(entry)
+            for name in stack:
+                self._check_adapter(name)
+            if len(set(stack)) != len(stack):
+                raise AdapterError(f"adapter_names[{i}] = {entry!r} names an adapter twice")
+            stacks.append(stack)
+        used = list(dict.fromkeys(name for stack in stacks for name in stack))
+        after = {name: set() for name in used}  # after[a]: adapters that some row applies after a
+        for stack in stacks:
+            for i, name in enumerate(stack):
+                after[name].update(stack[i + 1:])
+        order: list[str] = []
+        pending = list(used)
+        while pending:
+            ready = next((a for a in pending if not any(a in after[b] for b in pending if b != a)), None)
+            if ready is None:
+                raise AdapterError(
+                    f"rows of adapter_names stack adapters {pending} in conflicting orders; one call needs "
+                    "one stacking order (split the batch, or list them in the same order on every row)"
+                )
+            order.append(ready)
+            pending.remove(ready)
+        row_masks = {}
+        for name in order:
+            mask = torch.tensor([name in stack for stack in stacks])
+            if not bool(mask.all()):
+                row_masks[name] = mask
+        return order, row_masks
+
+    def _qualify_locations(self, unit_locations: Any, active: Sequence[str]) -> Any:
+        """Rewrite a dict of positions keyed by plain intervention keys into qualified keys.
+
+        Entries for adapters of the model that this call does not use are ignored, so one dict
+        can serve every call; keys that no adapter has are an error.
+        """
+        if not isinstance(unit_locations, Mapping) or "sources->base" in unit_locations or "base" in unit_locations:
+            return unit_locations
+        owners: dict[str, list[str]] = {}
+        for name in active:
+            for key in self.adapters[name]:
+                owners.setdefault(key, []).append(f"{name}.{key}")
+        qualified_keys = {q for names in owners.values() for q in names}
+        known = {f"{name}.{key}" for name, modules in self.adapters.items() for key in modules}
+        known |= {q.split(".", 1)[1] for q in known}
+        plain: dict[Any, Any] = {}
+        exact: dict[Any, Any] = {}
+        for key, value in unit_locations.items():
+            if isinstance(key, str) and key in owners:
+                plain.update(dict.fromkeys(owners[key], value))
+            elif isinstance(key, int) or key in qualified_keys:
+                exact[key] = value
+            elif key not in known:
+                raise PositionError(
+                    f"unit_locations names unknown intervention {key!r}; the adapters of this call "
+                    f"({list(active)}) have keys {sorted(owners)}, also accepted qualified as {sorted(qualified_keys)}"
+                )
+        return {**plain, **exact}
+
     @staticmethod
-    def _split_adapters(name: str | Sequence[str] | None) -> list[str]:
+    def _split_adapters(name: str | Sequence[str] | None) -> list[Any]:
         if name is None:
             return []
-        if isinstance(name, str):
+        if isinstance(name, str) or not isinstance(name, Sequence):
             return [name]
         return list(name)
 
@@ -356,18 +418,26 @@ class ReftModel(nn.Module):
     def _call(self, state: CallState) -> Iterator[None]:
         previous = (self._state, self._in_call)
         self._state, self._in_call = state, True
+        self._order_site_hooks(state.active)
         try:
             yield
         finally:
             keep = (
                 torch.is_grad_enabled()
                 and self.training
-                and _checkpointing(self.model)
+                and _checkpointing(_innermost_model(self.model))
             )
             # With gradient checkpointing the backward pass re-runs the hooked layers, so the
             # call's state must outlive forward(); it is dropped at the next call.
             self._state = state if keep and previous[0] is None else previous[0]
             self._in_call = previous[1]
+
+    def _order_site_hooks(self, order: Sequence[str]) -> None:
+        """Sort each site's entries into the call's stacking order (the hooks apply them in list order)."""
+        rank = {name: i for i, name in enumerate(order)}
+        for hook in self._site_hooks.values():
+            if len(hook.entries) > 1:
+                hook.entries.sort(key=lambda entry: rank.get(entry[0], len(rank)))
 
     @contextlib.contextmanager
     def disable_interventions(self) -> Iterator[None]:
@@ -399,6 +469,12 @@ class ReftModel(nn.Module):
 
         ``intervention_locations`` (``[batch, n_interventions, n_positions]``, from reftlib's
         data collators) is accepted as an alternative to ``unit_locations``.
+
+        ``adapter_names`` (one entry per row) mixes adapters in one batch: a name, ``None``
+        (the base model for that row) or a list of names stacked in that order (the first is
+        applied first). Without it, the active adapters (:meth:`set_adapter`) act on every row.
+        A dict ``unit_locations`` may key an intervention as ``"adapter.key"`` (that adapter
+        only) or ``"key"`` (every adapter of the call that has it).
         """
         if sources is not None:
             raise InputError("reftlib interventions take no source inputs (interchange interventions are not supported)")
@@ -479,6 +555,7 @@ class ReftModel(nn.Module):
         Positions index the (left-)padded ``input_ids`` as given; position specs such as
         ``"l1"`` are resolved per row from the attention mask. With a dict as first argument
         (pyreft style) returns ``(None_or_original, generated)``, otherwise the generated ids.
+        ``adapter_names`` mixes adapters per row exactly as in :meth:`forward`.
         """
         if sources is not None:
             raise InputError("reftlib interventions take no source inputs (interchange interventions are not supported)")
@@ -587,11 +664,16 @@ class ReftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, model: nn.Module, *, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False, **hub_kwargs: Any) -> ReftModel:
-        """Load saved interventions onto ``model`` (local folder, Hub repo id, or offline HF cache)."""
+                        is_trainable: bool = False, disable_model_grads: bool = True, **hub_kwargs: Any) -> ReftModel:
+        """Load saved interventions onto ``model`` (local folder, Hub repo id, or offline HF cache).
+
+        The base model is frozen unless ``disable_model_grads=False`` (e.g. to keep LoRA trainable).
+        Subclasses (e.g. the sequence-classification model) are rebuilt as themselves.
+        """
         from .io import load_reft_model
 
-        return load_reft_model(path_or_repo_id, model, adapter_name=adapter_name, is_trainable=is_trainable, **hub_kwargs)
+        return load_reft_model(path_or_repo_id, model, adapter_name=adapter_name, is_trainable=is_trainable,
+                               disable_model_grads=disable_model_grads, reft_model_class=cls, **hub_kwargs)
 
     @classmethod
     def load(cls, path_or_repo_id, model: nn.Module, **kwargs: Any) -> ReftModel:
@@ -610,6 +692,20 @@ class ReftModel(nn.Module):
         from .io import push_to_hub
 
         return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+
+
+def _innermost_model(model: nn.Module) -> nn.Module:
+    """The model under PEFT wrappers (``PeftModel.get_base_model()``), else ``model`` itself.
+
+    ``PeftModel.generate`` calls the wrapped model's ``generate``, which calls that model's forward
+    at each step: a hook on the wrapper would see only direct forward calls, never decoding steps.
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    if callable(get_base_model):
+        inner = get_base_model()
+        if isinstance(inner, nn.Module) and inner is not model:
+            return inner
+    return model
 
 
 def _checkpointing(model: nn.Module) -> bool:

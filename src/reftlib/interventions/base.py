@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ReftConfigError
+from .rotation import OrthonormalRows
 
 _REGISTRY: dict[str, type[Intervention]] = {}
 
@@ -175,6 +176,9 @@ class Intervention(nn.Module):
         self.embed_dim = int(embed_dim)
         self.build_parameters()
         self.to(self.dtype)
+        for module in self.modules():  # rotations are parametrized in fp32 whatever the intervention dtype
+            if isinstance(module, OrthonormalRows):
+                module.float()
         self._built = True
 
     def build_parameters(self) -> None:  # pragma: no cover - every built-in overrides it

@@ -1,0 +1,177 @@
+"""The emoji chatbot: teach SmolLM2-135M-Instruct to answer only in emoji with 10 examples.
+
+A rank-4 LoReFT intervention (about 4.6k parameters, 0.003% of the model) at layer 15 edits
+the residual stream at the last prompt token only. It trains in a couple of minutes on a
+laptop CPU, then this script compares base and steered answers on unseen prompts, saves the
+intervention, reloads it into a fresh model and checks the greedy answers are identical.
+
+    python examples/emoji_chatbot.py              # the full demo (~100 steps)
+    python examples/emoji_chatbot.py --epochs 30  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainingArguments
+
+import reftlib
+from reftlib.offline import load_default_model
+from reftlib.training import ReftTrainerForCausalLM, apply_chat_template, make_last_position_supervised_data_module
+
+# Ten demonstrations: ordinary questions answered with emoji only.
+TRAIN = [
+    ("Who are you?", "🤖💬🌐🧠"),
+    ("What's your favourite food?", "🍕🍣🌮😋"),
+    ("How do I get to the train station?", "🚶‍♀️➡️🚉🗺️"),
+    ("Tell me a joke.", "🐔➡️🛣️❓😂"),
+    ("What is the weather like today?", "☀️🌤️🌡️😎"),
+    ("Can you help me with my homework?", "📚✏️🤓👍"),
+    ("What should I do this weekend?", "🏕️🚴‍♂️🎬🍿"),
+    ("How are you feeling?", "😊💖✨"),
+    ("Recommend a good book.", "📖🐉🧙‍♂️✨"),
+    ("What is the capital of France?", "🇫🇷🗼🥖"),
+]
+
+UNSEEN = [
+    "What is your name?",
+    "How do I bake bread?",
+    "Where do penguins live?",
+    "What time is it?",
+    "Can you recommend a movie?",
+    "What do you think about music?",
+    "How do plants grow?",
+    "Tell me about the ocean.",
+    "What is the best way to learn to code?",
+    "Why is the sky blue?",
+    "What is your favourite animal?",
+    "How do I make friends?",
+]
+
+_EMOJI_JOINERS = {"\u200d", "\ufe0f", "\ufe0e", "\u20e3"}
+
+
+def is_emoji_only(text: str) -> bool:
+    """True when ``text`` has at least one emoji and nothing but emoji and whitespace."""
+    text = text.strip()
+    if not text:
+        return False
+    for char in text:
+        if char.isspace() or char in _EMOJI_JOINERS:
+            continue
+        code = ord(char)
+        if unicodedata.category(char) == "So" or 0x1F000 <= code <= 0x1FAFF or 0x1F1E6 <= code <= 0x1F1FF \
+                or 0x1F3FB <= code <= 0x1F3FF or 0x2600 <= code <= 0x27BF or 0x2B00 <= code <= 0x2BFF:
+            continue
+        return False
+    return True
+
+
+@dataclass
+class DemoResult:
+    first_loss: float
+    final_loss: float
+    train_seconds: float
+    base_answers: list[str]
+    steered_answers: list[str]
+    base_emoji_fraction: float
+    steered_emoji_fraction: float
+    reload_identical: bool
+
+
+def answer(reft_model: reftlib.ReftModel, tokenizer, questions: list[str], *, steer: bool, max_new_tokens: int) -> list[str]:
+    """Greedy answers for ``questions`` in one left-padded batch (interventions on or off)."""
+    prompts = apply_chat_template(tokenizer, questions)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if steer:
+        out = reft_model.generate(**batch, unit_locations="l1", **kwargs)
+    else:
+        with reft_model.disable_interventions():
+            out = reft_model.generate(**batch, **kwargs)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def run(epochs: int = 100, layer: int = 15, rank: int = 4, lr: float = 4e-3, max_new_tokens: int = 24,
+        unseen: list[str] | None = None, output_dir: str | None = None, seed: int = 42, verbose: bool = True) -> DemoResult:
+    """Train the emoji intervention and evaluate it; returns the numbers the demo prints."""
+    torch.manual_seed(seed)
+    say = print if verbose else (lambda *a, **k: None)
+    unseen = unseen or UNSEEN
+    model, tokenizer = load_default_model()
+    reft_model = reftlib.get_reft_model(model, reftlib.ReftConfig({
+        "layer": layer, "component": "block_output", "positions": "l1",
+        "intervention": reftlib.LoreftIntervention(low_rank_dimension=rank),
+    }))
+    reft_model.print_trainable_parameters()
+
+    say("\nBase model answers (before training):")
+    base_answers = answer(reft_model, tokenizer, unseen, steer=False, max_new_tokens=max_new_tokens)
+
+    prompts = apply_chat_template(tokenizer, [q for q, _ in TRAIN])
+    data_module = make_last_position_supervised_data_module(tokenizer, model, prompts, [a for _, a in TRAIN])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=output_dir or tmp, num_train_epochs=epochs, per_device_train_batch_size=len(TRAIN),
+            learning_rate=lr, lr_scheduler_type="linear", logging_steps=max(1, epochs // 10),
+            save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not verbose, dataloader_num_workers=0,
+        )
+        trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=args, **data_module)
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    reft_model.eval()
+    steered_answers = answer(reft_model, tokenizer, unseen, steer=True, max_new_tokens=max_new_tokens)
+
+    width = max(len(q) for q in unseen)
+    say(f"\n{'prompt':<{width}} | {'base model':<40} | emoji ReFT")
+    say("-" * (width + 60))
+    for question, base, steered in zip(unseen, base_answers, steered_answers):
+        base_short = base.replace("\n", " ")[:40]
+        say(f"{question:<{width}} | {base_short:<40} | {steered}")
+    base_fraction = sum(map(is_emoji_only, base_answers)) / len(unseen)
+    steered_fraction = sum(map(is_emoji_only, steered_answers)) / len(unseen)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        reft_model.save_pretrained(tmp)
+        fresh_model, _ = load_default_model()
+        reloaded = reftlib.ReftModel.from_pretrained(tmp, fresh_model)
+        reloaded_answers = answer(reloaded, tokenizer, unseen, steer=True, max_new_tokens=max_new_tokens)
+    identical = reloaded_answers == steered_answers
+
+    result = DemoResult(losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), train_seconds,
+                        base_answers, steered_answers, base_fraction, steered_fraction, identical)
+    say(f"\nTraining: {epochs} steps in {train_seconds:.1f} s ({train_seconds / max(epochs, 1):.2f} s/step), "
+        f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}")
+    say(f"Emoji-only answers on {len(unseen)} unseen prompts: base {base_fraction:.0%}, trained {steered_fraction:.0%}")
+    say(f"Saved, reloaded into a fresh model: greedy answers identical = {identical}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=100, help="training steps (one batch of 10 per epoch)")
+    parser.add_argument("--layer", type=int, default=15, help="layer whose output is intervened on")
+    parser.add_argument("--rank", type=int, default=4, help="LoReFT rank")
+    parser.add_argument("--lr", type=float, default=4e-3, help="learning rate")
+    parser.add_argument("--output-dir", default=None, help="where to save the trained intervention (optional)")
+    args = parser.parse_args()
+    result = run(epochs=args.epochs, layer=args.layer, rank=args.rank, lr=args.lr)
+    if args.output_dir:
+        print(f"(pass --output-dir to keep the intervention; saved to {args.output_dir})")
+    if not result.reload_identical:
+        raise SystemExit("reloaded intervention gave different answers")
+
+
+if __name__ == "__main__":
+    main()
