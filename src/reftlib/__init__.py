@@ -31,6 +31,22 @@ from .positions import last_position, parse_position_spec, resolve_position_spec
 
 __version__ = "0.1.0"
 
+# Training names are importable from the top level too, loaded lazily (transformers.Trainer is heavy).
+_TRAINING_NAMES = {
+    "ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForSequenceClassification", "ReftDataCollator",
+    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
+    "make_classification_data_module", "make_supervised_examples", "apply_chat_template",
+    "ReftModelForSequenceClassification", "ReftClassificationHead", "get_reft_model_for_sequence_classification",
+}
+
+
+def __getattr__(name: str):
+    if name in _TRAINING_NAMES:
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'reftlib' has no attribute {name!r}")
+
 __all__ = [
     "COMPONENTS",
     "COMPONENT_OVERRIDES",

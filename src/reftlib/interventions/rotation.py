@@ -10,8 +10,22 @@ the result is cached until ``raw`` changes, so decode steps never recompute it.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+
+# Fused optimizers update parameters without bumping ``Tensor._version``, so the no-grad cache
+# is also keyed on a global counter advanced after every optimizer step.
+_optimizer_steps = itertools.count()
+_step = [0]
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    _step[0] = next(_optimizer_steps)
+
+
+torch.optim.optimizer.register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 class OrthonormalRows(nn.Module):
@@ -30,7 +44,7 @@ class OrthonormalRows(nn.Module):
         raw = self.raw
         if torch.is_grad_enabled() and raw.requires_grad:
             return _orthonormalize(raw)
-        key = (raw.data_ptr(), raw._version, raw.device, raw.dtype)
+        key = (raw.data_ptr(), raw._version, _step[0], raw.device, raw.dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, _orthonormalize(raw))

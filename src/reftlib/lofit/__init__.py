@@ -1,0 +1,68 @@
+"""LoFiT (Yin, Ye, Durrett, NeurIPS 2024): localized fine-tuning of a few attention heads.
+
+The two-step recipe::
+
+    from reftlib.lofit import select_heads, tune_offsets, merge_and_unload
+
+    selection = select_heads(model, tokenizer, train_data, fraction=0.03, l1=1e-3, lr=1e-3)
+    selection.plot("heads.png"); selection.save("heads.json")
+    reft_model = tune_offsets(model, selection, train_data, tokenizer=tokenizer, lr=1e-2)
+    reft_model.save_pretrained("lofit")                 # head lists live in the intervention configs
+    plain_model = merge_and_unload(reft_model)           # optional: a plain transformers model
+
+1. :func:`select_heads` learns a scale ``z_h ← (1 + A_h) ⊙ z_h`` for every head with an L1 penalty
+   and ranks heads by ``‖A_h‖₂`` (the model is left clean);
+2. :func:`tune_offsets` learns offsets ``z_h ← z_h + v_h`` on the top heads only, at every token.
+
+``train_data`` is ``(prompt, answer)`` pairs (cross-entropy) or ``(prompt, chosen, rejected)``
+triples (DPO with :class:`ReftDPOTrainer`, the reference being the model with interventions off).
+Both steps run on reftlib's ``Trainer`` subclasses. See ``docs/lofit.md``.
+"""
+
+from .data import make_sft_dataset, normalize_train_data, resolve_objective
+from .dpo import (
+    AdapterDPOTrainer,
+    ReftDPODataCollator,
+    ReftDPOTrainer,
+    dpo_loss,
+    make_preference_data_module,
+    make_preference_dataset,
+    sequence_logps,
+)
+from .merge import MergeError, merge_and_unload
+from .offsets import tune_offsets
+from .plot import MissingDependencyError, plot_head_scores
+from .selection import (
+    HeadScaleDPOTrainer,
+    HeadScaleTrainer,
+    HeadSelection,
+    L1PenaltyMixin,
+    count_heads,
+    lofit_config,
+    select_heads,
+)
+
+__all__ = [
+    "AdapterDPOTrainer",
+    "HeadScaleDPOTrainer",
+    "HeadScaleTrainer",
+    "HeadSelection",
+    "L1PenaltyMixin",
+    "MergeError",
+    "MissingDependencyError",
+    "ReftDPODataCollator",
+    "ReftDPOTrainer",
+    "count_heads",
+    "dpo_loss",
+    "lofit_config",
+    "make_preference_data_module",
+    "make_preference_dataset",
+    "make_sft_dataset",
+    "merge_and_unload",
+    "normalize_train_data",
+    "plot_head_scores",
+    "resolve_objective",
+    "select_heads",
+    "sequence_logps",
+    "tune_offsets",
+]

@@ -1,0 +1,61 @@
+"""Training ReFT interventions: data modules, a collator and ``transformers.Trainer`` subclasses.
+
+Typical use (pyreft's names)::
+
+    from reftlib.training import ReftTrainerForCausalLM, make_last_position_supervised_data_module
+
+    data_module = make_last_position_supervised_data_module(tokenizer, model, prompts, answers)
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args, **data_module)
+    trainer.train()
+    reft_model.save_pretrained("out")
+
+See :mod:`reftlib.training.data` for how examples and positions are built,
+:mod:`reftlib.training.trainer` for what the trainers change, and
+:mod:`reftlib.training.classification` for sequence classification with a trainable head.
+"""
+
+from .classification import (
+    ReftClassificationHead,
+    ReftModelForSequenceClassification,
+    classification_loss,
+    default_pooling,
+    get_reft_model_for_sequence_classification,
+)
+from .data import (
+    IGNORE_INDEX,
+    ReftDataCollator,
+    apply_chat_template,
+    default_max_length,
+    make_classification_data_module,
+    make_last_position_supervised_data_module,
+    make_multiple_position_supervised_data_module,
+    make_supervised_examples,
+)
+from .trainer import (
+    ReftTrainer,
+    ReftTrainerForCausalLM,
+    ReftTrainerForSequenceClassification,
+    load_intervention_weights,
+    refresh_intervention_caches,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ReftClassificationHead",
+    "ReftDataCollator",
+    "ReftModelForSequenceClassification",
+    "ReftTrainer",
+    "ReftTrainerForCausalLM",
+    "ReftTrainerForSequenceClassification",
+    "apply_chat_template",
+    "classification_loss",
+    "default_max_length",
+    "default_pooling",
+    "get_reft_model_for_sequence_classification",
+    "load_intervention_weights",
+    "make_classification_data_module",
+    "make_last_position_supervised_data_module",
+    "make_multiple_position_supervised_data_module",
+    "make_supervised_examples",
+    "refresh_intervention_caches",
+]

@@ -1,0 +1,362 @@
+"""``transformers.Trainer`` subclasses that train the interventions of a :class:`~reftlib.ReftModel`.
+
+What they change compared with a plain ``Trainer``:
+
+* **Inputs.** Batches carry ``intervention_locations`` (``[batch, n_interventions, n_positions]``,
+  ``-1`` = padding) next to ``input_ids``/``attention_mask``/``labels``. The column is kept with
+  the default ``remove_unused_columns=True`` (the signature columns are those of the ReftModel
+  *and* of the base model), is left on the CPU where reftlib reads it (the hooks copy it to the
+  device once per call, without a host synchronization; under CUDA DDP, DDP itself moves all
+  inputs to the GPU), and the default collator is :class:`ReftDataCollator`.
+  ``tokenizer=`` (pyreft style) is accepted as an alias of ``processing_class=``.
+* **Loss.** :class:`ReftTrainerForCausalLM` computes the next-token cross-entropy itself (fp32)
+  and divides the summed loss by ``num_items_in_batch`` (the supervised tokens of the whole
+  accumulated batch, gathered across processes), exactly as Hugging Face normalizes causal-LM
+  losses, so gradient accumulation and DDP give the gradient of the full batch.
+  :class:`ReftTrainerForSequenceClassification` does the same with one item per label.
+  :class:`ReftTrainer` keeps the model's own loss (the base model's, when labels are given).
+* **Checkpoints.** ``save_model`` and every ``checkpoint-N`` folder hold the reftlib files
+  (``reft_config.json`` + ``reft_model.safetensors``, written by ``reft_model.save_pretrained``)
+  and the tokenizer, never the base model's weights; only the main process writes
+  (``args.should_save``). ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the saved
+  tensors back into the existing interventions (same parameter objects, so the optimizer state
+  restored by the Trainer applies to them).
+* **Weight decay.** Intervention weights (``learned_source.weight``, ``rotate_layer.raw``, …) decay;
+  parameters named ``bias`` do not, whatever the intervention or adapter is called.
+
+* **Fresh caches.** After every optimizer step the interventions' no-grad caches (LoReFT's
+  orthonormalized rotation) are dropped: the Trainer's default fused AdamW does not bump the
+  parameters' version counters, which those caches are keyed on.
+
+Gradient checkpointing (``TrainingArguments(gradient_checkpointing=True)`` or
+``reft_model.gradient_checkpointing_enable()``) works: reftlib keeps each call's positions for the
+recomputation. Mixed precision follows ``args.bf16``/``args.fp16`` (autocast); LoReFT rotations
+are always computed in fp32. FSDP is not supported (interventions are small: use DDP).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ..errors import CheckpointError, ReftConfigError
+from ..interventions.rotation import OrthonormalRows
+from ..model import ReftModel
+from .classification import ReftModelForSequenceClassification, classification_loss
+from .data import IGNORE_INDEX, ReftDataCollator
+
+__all__ = [
+    "ReftTrainer",
+    "ReftTrainerForCausalLM",
+    "ReftTrainerForSequenceClassification",
+    "load_intervention_weights",
+    "refresh_intervention_caches",
+]
+
+TRAINING_ARGS_NAME = "training_args.bin"
+_KEEP_ON_CPU = ("intervention_locations",)
+
+
+def load_intervention_weights(reft_model: ReftModel, folder: str | os.PathLike) -> None:
+    """Copy the tensors saved in ``folder`` into ``reft_model``'s existing adapters (in place).
+
+    Unlike :meth:`ReftModel.from_pretrained` this adds nothing: every adapter of the model that the
+    folder holds is overwritten, parameter objects are kept (so optimizers still point at them),
+    and the extra state (e.g. a classification head) is restored.
+    """
+    import json
+    from pathlib import Path
+
+    from ..io import INDEX_NAME, WEIGHTS_NAME, read_adapter
+
+    root = Path(folder)
+    if (root / INDEX_NAME).exists():
+        try:
+            subfolders = json.loads((root / INDEX_NAME).read_text())["adapters"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{root / INDEX_NAME} is corrupted ({exc})") from exc
+    elif (root / WEIGHTS_NAME).exists():
+        subfolders = {"default" if "default" in reft_model.adapters else reft_model.adapter_names[0]: "."}
+    else:
+        raise CheckpointError(
+            f"{root} holds no {WEIGHTS_NAME}; it is not a checkpoint written by a reftlib trainer "
+            "(resume from a checkpoint-N folder of this run)"
+        )
+    for name, sub in subfolders.items():
+        if name not in reft_model.adapters:
+            raise CheckpointError(f"{root} has an adapter {name!r} that this model lacks ({reft_model.adapter_names})")
+        _config, tensors = read_adapter(root / sub)
+        extra = {k.removeprefix("__extra__."): v for k, v in tensors.items() if k.startswith("__extra__.")}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("__extra__.")}
+        modules = reft_model.adapters[name]
+        expected = modules.state_dict()
+        if set(expected) != set(tensors) or any(expected[k].shape != v.shape for k, v in tensors.items()):
+            raise CheckpointError(
+                f"{root / sub}: the saved tensors of adapter {name!r} do not match this model's interventions "
+                f"(saved {sorted(tensors)}, model has {sorted(expected)}); was it saved from another config?"
+            )
+        modules.load_state_dict(tensors, strict=True)
+        if extra and hasattr(reft_model, "load_extra_state_dict"):
+            reft_model.load_extra_state_dict(extra)
+
+
+def refresh_intervention_caches(model: nn.Module) -> None:
+    """Drop values that interventions cache between calls (e.g. LoReFT's orthonormalized rotation).
+
+    The rotation cache is keyed on the parameter's version counter, which fused optimizers
+    (``adamw_torch_fused``, the Trainer's default) do not bump; after an optimizer step the cached
+    rotation would otherwise be stale for the next no-grad call (evaluation, generation).
+    """
+    for module in model.modules():
+        if isinstance(module, OrthonormalRows):
+            module._cache = None
+
+
+class _RefreshCaches(TrainerCallback):
+    """Calls :func:`refresh_intervention_caches` after every optimizer step and at the end of training."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            refresh_intervention_caches(model)
+
+    on_train_end = on_step_end
+
+
+class ReftTrainer(Trainer):
+    """A ``Trainer`` for :class:`~reftlib.ReftModel` (see the module documentation).
+
+    Same arguments as ``transformers.Trainer``; ``tokenizer=`` is accepted as an alias of
+    ``processing_class=``. Without ``data_collator`` a :class:`ReftDataCollator` is used.
+    """
+
+    def __init__(
+        self,
+        model: ReftModel | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if tokenizer is not None:
+            if processing_class is not None and processing_class is not tokenizer:
+                raise ReftConfigError("pass the tokenizer once, as processing_class= (tokenizer= is its old name)")
+            processing_class = tokenizer
+        if model is not None and not isinstance(_unwrap(model), ReftModel):
+            raise ReftConfigError(
+                f"{type(self).__name__} trains a ReftModel, got {type(model).__name__}; build one with "
+                "reftlib.get_reft_model(model, config)"
+            )
+        if data_collator is None:
+            data_collator = self._default_collator(model, processing_class)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+        )
+        if self.is_fsdp_enabled:
+            raise ReftConfigError("reftlib trainers do not support FSDP; interventions are small, use DDP (torchrun)")
+        self.add_callback(_RefreshCaches())
+        self._flops_per_token: int | None = None
+
+    #: ``token_level_labels`` of the default collator (``None``: decided from the data).
+    _token_level_labels: bool | None = None
+
+    @classmethod
+    def _default_collator(cls, model: Any, processing_class: Any) -> ReftDataCollator:
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # processors wrap a tokenizer
+        if tokenizer is not None:  # raises, saying how, when the tokenizer has no pad token
+            return ReftDataCollator(tokenizer=tokenizer, token_level_labels=cls._token_level_labels)
+        # Any valid id pads: the attention mask comes from lengths and labels are -100 there.
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        return ReftDataCollator(pad_token_id=int(pad) if isinstance(pad, int) else 0,
+                                token_level_labels=cls._token_level_labels)
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def reft_model(self) -> ReftModel:
+        """The (unwrapped) :class:`~reftlib.ReftModel` being trained."""
+        return _unwrap(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+
+    # ------------------------------------------------------------------ inputs
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the ReftModel's and the base model's forward arguments (``input_ids`` lives on the latter)."""
+        if self._signature_columns is None:
+            reft_model = _unwrap(self.model)
+            names: list[str] = []
+            for fn in (reft_model.forward, reft_model.model.forward):
+                for name, param in inspect.signature(fn).parameters.items():
+                    if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL) and name not in names:
+                        names.append(name)
+            for name in ("input_ids", "attention_mask", "labels", "intervention_locations", "label", "label_ids",
+                         *self.label_names):
+                if name not in names:
+                    names.append(name)
+            self._signature_columns = names
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Move tensors to the device, except the positions: reftlib reads them on the CPU (no host sync)."""
+        kept = {k: inputs[k] for k in _KEEP_ON_CPU if k in inputs}
+        prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in kept})
+        prepared.update(kept)
+        return prepared
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """HF's estimate (6 * tokens * non-embedding parameters), with the parameter count computed once."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            return 0
+        if self._flops_per_token is None:
+            base = self.reft_model.model
+            count = getattr(base, "num_parameters", None)
+            self._flops_per_token = 6 * count(exclude_embeddings=True) if callable(count) else 0
+        return self._flops_per_token * ids.numel()
+
+    # ------------------------------------------------------------------ optimizer
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Interventions decay every parameter except those named ``bias``; other modules follow HF's rule."""
+        base = set(super().get_decay_parameter_names(model))
+        names = []
+        for name, _param in model.named_parameters():
+            if _is_intervention_param(name):
+                if name.rsplit(".", 1)[-1] != "bias":
+                    names.append(name)
+            elif name in base:
+                names.append(name)
+        return names
+
+    # ------------------------------------------------------------------ saving / loading
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the reftlib files (not the base model), the tokenizer and the training arguments."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.reft_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Put the reftlib files in ``output_dir`` too: HF only copies its own weight file names there."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            self.reft_model.save_pretrained(self.args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the interventions saved in ``resume_from_checkpoint`` into the model being trained."""
+        target = _unwrap(self.accelerator.unwrap_model(model if model is not None else self.model))
+        load_intervention_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """Load the interventions of ``state.best_model_checkpoint`` (``load_best_model_at_end``)."""
+        load_intervention_weights(self.reft_model, self.state.best_model_checkpoint)
+
+    # ------------------------------------------------------------------ loss normalization
+    def _normalize(self, loss: torch.Tensor, count: torch.Tensor | None, num_items_in_batch) -> torch.Tensor:
+        """Divide a summed loss by the items of the accumulated batch, or by ``count`` (this batch) without it."""
+        if num_items_in_batch is None:
+            return loss / count.clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every process's tokens and DDP averages gradients: undo the average.
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1  # older transformers: no TP
+            scale = self.accelerator.num_processes // tp_size
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
+
+
+class ReftTrainerForCausalLM(ReftTrainer):
+    """Next-token training of the interventions: cross-entropy on tokens whose label is not ``-100``.
+
+    The summed token loss is divided by ``num_items_in_batch`` (supervised tokens in the whole
+    accumulated, cross-process batch), so gradient accumulation and DDP reproduce the gradient
+    of one large batch; without it (evaluation) the loss is the mean over supervised tokens.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # ask the Trainer to count num_items_in_batch
+        self._loss_shifts_labels = True  # ... over labels[:, 1:], like HF's causal-LM loss
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ReftConfigError("ReftTrainerForCausalLM needs 'labels' in every batch (-100 on prompt tokens)")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        # Shift by padding the labels (as HF does) instead of slicing the logits: no copy of [B, T, V].
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else None
+        loss = self._normalize(loss, count, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+class ReftTrainerForSequenceClassification(ReftTrainer):
+    """Train interventions and the head of a :class:`~reftlib.training.ReftModelForSequenceClassification`.
+
+    Loss per :func:`~reftlib.training.classification.classification_loss` (cross-entropy, MSE for
+    ``num_labels=1``, BCE for multi-label), summed and divided by ``num_items_in_batch`` (labels
+    in the accumulated batch) like the causal-LM trainer.
+    """
+
+    _token_level_labels = False  # one label (or one label vector) per example
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and not isinstance(_unwrap(model), ReftModelForSequenceClassification):
+            raise ReftConfigError(
+                "ReftTrainerForSequenceClassification trains a ReftModelForSequenceClassification; build one with "
+                "reftlib.training.get_reft_model_for_sequence_classification(model, config, num_labels=...)"
+            )
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # ask the Trainer to count num_items_in_batch
+        self._loss_shifts_labels = False  # ... one label (vector) per example, no shift
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ReftConfigError("ReftTrainerForSequenceClassification needs 'labels' in every batch")
+        outputs = model(**inputs)
+        labels = labels.to(outputs.logits.device)
+        problem_type = self.reft_model.problem_type
+        loss = classification_loss(outputs.logits, labels, problem_type, reduction="sum")
+        count = None
+        if num_items_in_batch is None:  # the Trainer counts labels that are not -100: count the same way
+            count = labels.numel() if problem_type == "regression" else (labels != IGNORE_INDEX).sum()
+            count = torch.as_tensor(count, device=loss.device)
+        loss = self._normalize(loss, count, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _unwrap(model: Any) -> Any:
+    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_intervention_param(name: str) -> bool:
+    return name.startswith("adapters.") or ".adapters." in name
+
