@@ -14,6 +14,7 @@ import itertools
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Fused optimizers update parameters without bumping ``Tensor._version``, so the no-grad cache
 # is also keyed on a global counter advanced after every optimizer step.
@@ -25,7 +26,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     _step[0] = next(_optimizer_steps)
 
 
-torch.optim.optimizer.register_optimizer_step_post_hook(_after_optimizer_step)
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 class OrthonormalRows(nn.Module):
