@@ -22,7 +22,11 @@ from transformers import TrainingArguments
 
 import reftlib
 from reftlib.offline import load_default_model
-from reftlib.training import ReftTrainerForCausalLM, apply_chat_template, make_last_position_supervised_data_module
+from reftlib.training import (
+    ReftTrainerForCausalLM,
+    apply_chat_template,
+    make_last_position_supervised_data_module,
+)
 
 # Ten demonstrations: ordinary questions answered with emoji only.
 TRAIN = [

@@ -7,10 +7,10 @@ identical outputs, and detach restores bitwise-identical outputs.
 
 import pytest
 import torch
-
-import reftlib
 from helpers import capture_site, make_intervention, randomize
 from tiny_models import CAUSAL_FAMILIES, FAMILIES, tiny_model
+
+import reftlib
 
 # components each family does not have (fused q/k/v projections)
 FUSED_QKV = {"phi3", "gpt2", "gpt_neox", "falcon"}

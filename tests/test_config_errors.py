@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 import reftlib
 from reftlib import ReftConfig, ReftConfigError
-from tiny_models import tiny_model
 
 
 def test_json_roundtrip_is_lossless():

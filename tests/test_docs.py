@@ -22,8 +22,9 @@ def test_mkdocs_builds_strict(tmp_path):
 def test_component_table_matches_discovery():
     """docs/components.md states what each component resolves to; keep it true."""
     sys.path.insert(0, str(ROOT / "tests"))
-    import reftlib
     from tiny_models import tiny_model
+
+    import reftlib
 
     text = (ROOT / "docs" / "components.md").read_text()
     for family, expected in {"gpt2": "attn.c_proj", "opt": "self_attn.out_proj", "falcon": "self_attention.dense",

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import reftlib
 from helpers import randomize
 from tiny_models import tiny_model
+
+import reftlib
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
 PAD = 0

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import reftlib
-from reftlib.interventions import OrthonormalRows
 from reftlib.errors import ReftConfigError
+from reftlib.interventions import OrthonormalRows
 
 D, R = 16, 3
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize
+from tiny_models import tiny_model
 
 import reftlib
-from helpers import randomize
 from reftlib import io as reft_io
-from tiny_models import tiny_model
 
 IDS = torch.tensor([[5, 9, 17, 33, 2, 41, 7]])
 

@@ -136,8 +136,8 @@ def test_spec_lands_on_real_tokens(lengths, n_first, n_last, left):
 
 def test_positions_are_not_left_on_the_model():
     """A per-row call after a broadcast-style call must use its own positions (a pyvene bug)."""
-    from tiny_models import tiny_model
     from helpers import randomize
+    from tiny_models import tiny_model
 
     model = tiny_model("llama")
     reft_model = reftlib.get_reft_model(model, {"layer": 1, "low_rank_dimension": 2})

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import randomize
 
 import reftlib
-from helpers import randomize
 
 pytestmark = pytest.mark.slow
 

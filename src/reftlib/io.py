@@ -141,7 +141,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
     subfolder = hub_kwargs.pop("subfolder", None)
     try:
         folder = Path(snapshot_download(repo_id, **hub_kwargs))
-    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear error
+    except Exception as exc:
         raise CheckpointError(
             f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
             f"({type(exc).__name__}: {exc}). Check the name, your network, or set HF_HUB_OFFLINE=1 to use the cache"

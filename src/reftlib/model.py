@@ -233,7 +233,7 @@ class ReftModel(nn.Module):
             with torch.no_grad():
                 ids = torch.tensor([[1, 2]], device=device)
                 self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
+        except Exception as exc:
             raise ArchitectureError(
                 f"reftlib runs a 2-token forward to find the shapes at each site, and {type(self.model).__name__} "
                 f"failed on it: {exc}. Models that need more than input_ids (e.g. encoder-decoder) are not supported"

@@ -116,7 +116,7 @@ def as_position_tensor(value: Any, where: str) -> torch.Tensor:
                 f"{where}: row {i} must be a flat list of positions, got {row!r}; expected [batch][n_positions]"
             )
         for x in row:
-            if isinstance(x, bool) or not isinstance(x, int) and not (hasattr(x, "__index__") and not isinstance(x, float)):
+            if isinstance(x, bool) or (not isinstance(x, int) and not (hasattr(x, "__index__") and not isinstance(x, float))):
                 raise PositionError(f"{where}: row {i} contains {x!r}; positions must be integers")
         rows.append([int(x) for x in row])
     width = max((len(r) for r in rows), default=0)
