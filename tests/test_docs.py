@@ -1,5 +1,6 @@
 """The documentation site builds with --strict (broken links, missing pages and bad API refs fail)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,9 @@ def test_mkdocs_builds_strict(tmp_path):
     mkdocs = shutil.which("mkdocs") or str(Path(sys.executable).parent / "mkdocs")
     if not Path(mkdocs).exists():
         pytest.fail("mkdocs is not installed; install the docs extra: pip install -e '.[docs]'")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
