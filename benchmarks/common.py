@@ -252,12 +252,17 @@ class Timings:
         values = self.seconds.get(name)
         return statistics.median(values) if values else None
 
-    def paired_ratio(self, name: str, reference: str) -> float | None:
-        """Median over rounds of ``time(reference) / time(name)`` (a speed ratio; >1 = ``name`` faster)."""
+    def paired_ratios(self, name: str, reference: str) -> list[float]:
+        """Per-round ``time(reference) / time(name)`` (speed ratios; >1 = ``name`` faster)."""
         a, b = self.seconds.get(name), self.seconds.get(reference)
         if not a or not b:
-            return None
-        return statistics.median(y / x for x, y in zip(a, b))
+            return []
+        return [y / x for x, y in zip(a, b)]
+
+    def paired_ratio(self, name: str, reference: str) -> float | None:
+        """Median over rounds of ``time(reference) / time(name)`` (a speed ratio; >1 = ``name`` faster)."""
+        ratios = self.paired_ratios(name, reference)
+        return statistics.median(ratios) if ratios else None
 
 
 def interleaved(systems: dict[str, Callable[[], Any]], rounds: int, device: torch.device, *,

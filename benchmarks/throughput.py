@@ -310,11 +310,18 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
     def status(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "**not met**")
 
+    def spread(seconds: dict[str, list[float]], name: str, reference: str, speed: bool) -> str:
+        """`` (rounds a-b)``: the range of the per-round ratios behind a median."""
+        values = common.Timings(seconds).paired_ratios(name, reference)
+        values = values if speed else [1 / v for v in values]
+        return f" (rounds {min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+
     for b in (1, 8):
         g = results.generation.get(f"batch{b}")
         r = g["ratio_vs_base"].get("reftlib prompt") if g else None
         rows.append((f"generation, batch {b}: reftlib prompt-only LoReFT ≥ 0.97x base",
-                     common.fmt(r, "{:.3f}x"), status(None if r is None else r >= 0.97)))
+                     common.fmt(r, "{:.3f}x") + (spread(g["seconds"], "reftlib prompt", "base", True) if g else ""),
+                     status(None if r is None else r >= 0.97)))
     g1, g8 = results.generation.get("batch1"), results.generation.get("batch8")
     if g1 and g8:
         for name in ("base", "reftlib prompt"):
@@ -325,10 +332,12 @@ def targets(results: Results) -> list[tuple[str, str, str]]:
                                  status(r >= 4)))
     for shape, t in results.training.items():
         r = t["ratio_vs_lora"].get("reftlib LoReFT")
-        rows.append((f"training {shape}: reftlib LoReFT step ≤ 0.85x LoRA", common.fmt(r, "{:.3f}x"),
+        rows.append((f"training {shape}: reftlib LoReFT step ≤ 0.85x LoRA",
+                     common.fmt(r, "{:.3f}x") + spread(t["seconds"], "reftlib LoReFT", "lora", False),
                      status(None if r is None else r <= 0.85)))
         r = t["ratio_vs_pyreft"].get("reftlib LoReFT")
-        rows.append((f"training {shape}: reftlib LoReFT step ≤ 1.0x pyreft", common.fmt(r, "{:.3f}x"),
+        rows.append((f"training {shape}: reftlib LoReFT step ≤ 1.0x pyreft",
+                     common.fmt(r, "{:.3f}x") + spread(t["seconds"], "reftlib LoReFT", "pyreft LoReFT", False),
                      status(None if r is None else r <= 1.0)))
         m = t["peak_memory_bytes"]
         if "reftlib LoReFT" in m and "lora" in m:
@@ -468,6 +477,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "training"], help="parts to skip")
     parser.add_argument("--no-pyreft", action="store_true", help="do not run pyreft even if installed")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: render (and with --update-docs, publish) results saved by --json")
     parser.add_argument("--update-docs", action="store_true",
                         help="write the tables into docs/benchmarks.md and the chart into docs/img/")
     args = parser.parse_args(argv)
@@ -483,6 +494,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Results:
     """Run the benchmark; returns (and optionally writes) the results."""
     args = parse_args(argv)
+    if args.from_json:
+        results = Results(**json.loads(args.from_json.read_text()))
+        publish(results, args)
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = common.resolve_device(args.device), common.resolve_dtype(args.dtype)
@@ -511,18 +526,23 @@ def main(argv: list[str] | None = None) -> Results:
     if "training" not in args.skip:
         training_benchmark(base, device, args, results, peers)
     results.machine["load_end"] = common.load_average()
-    text = render(results)
-    print("\n" + text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results.__dict__, indent=1, default=str))
+    publish(results, args)
+    return results
+
+
+def publish(results: Results, args: argparse.Namespace) -> None:
+    """Print the Markdown report; with ``--update-docs`` also write it and the chart into ``docs/``."""
+    text = render(results)
+    print("\n" + text)
     if args.update_docs:
         chart = common.IMG / "benchmarks_throughput.png"
         with contextlib.suppress(ImportError):
             plot(results, chart)
             text += f"\n\n![throughput and training step time](img/{chart.name})"
         common.replace_section(common.DOCS / "benchmarks.md", "throughput", text)
-    return results
 
 
 if __name__ == "__main__":

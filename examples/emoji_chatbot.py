@@ -135,6 +135,9 @@ def run(epochs: int = 100, layer: int = 15, rank: int = 4, lr: float = 4e-3, max
         train_seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     reft_model.eval()
+    if output_dir:
+        reft_model.save_pretrained(output_dir)
+        say(f"saved the intervention to {output_dir}")
     steered_answers = answer(reft_model, tokenizer, unseen, steer=True, max_new_tokens=max_new_tokens)
 
     width = max(len(q) for q in unseen)
@@ -170,9 +173,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=4e-3, help="learning rate")
     parser.add_argument("--output-dir", default=None, help="where to save the trained intervention (optional)")
     args = parser.parse_args()
-    result = run(epochs=args.epochs, layer=args.layer, rank=args.rank, lr=args.lr)
-    if args.output_dir:
-        print(f"(pass --output-dir to keep the intervention; saved to {args.output_dir})")
+    result = run(epochs=args.epochs, layer=args.layer, rank=args.rank, lr=args.lr, output_dir=args.output_dir)
     if not result.reload_identical:
         raise SystemExit("reloaded intervention gave different answers")
 
