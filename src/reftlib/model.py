@@ -282,7 +282,9 @@ class ReftModel(nn.Module):
             ids = kwargs.get("inputs_embeds")
         if ids is None:
             return
-        state.begin_chunk(ids.shape[1], kwargs.get("past_key_values") is not None)
+        # transformers ≥ 5.25 names the KV cache argument ``cache`` (``past_key_values`` before).
+        has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+        state.begin_chunk(ids.shape[1], has_cache)
 
     def _make_state(
         self,
