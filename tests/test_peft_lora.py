@@ -257,3 +257,47 @@ def test_reft_trainer_trains_lora_and_interventions(tmp_path):
     with torch.no_grad():
         got = reloaded(**batch).logits
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_trainer_checkpoints_hold_lora_and_resume_restores_it(tmp_path):
+    training = pytest.importorskip("reftlib.training")
+    from tiny_tokenizer import tiny_tokenizer
+    from transformers import TrainingArguments
+
+    tokenizer = tiny_tokenizer("llama")
+    config = reftlib.ReftConfig(representations=[{"layer": 1, "component": "block_output", "low_rank_dimension": 4}])
+    prompts, answers = ["apple", "banana", "cherry", "date"], ["r", "y", "d", "b"]
+
+    def run(folder, seed, **kwargs):
+        model = lora_model("CAUSAL_LM", seed=0)
+        torch.manual_seed(seed)
+        for param in lora_params(model).values():  # distinct starting LoRA weights per run
+            torch.nn.init.normal_(param, std=0.05)
+        reft_model = reftlib.get_reft_model(model, config, disable_model_grads=False)
+        module = training.make_last_position_supervised_data_module(tokenizer, reft_model, prompts, answers,
+                                                                     num_interventions=1)
+        args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=2, learning_rate=2e-2,
+                                 max_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="steps",
+                                 save_steps=2, seed=0, dataloader_num_workers=0)
+        trainer = training.ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=args, **module)
+        return trainer, model, reft_model
+
+    trainer, model, reft_model = run(tmp_path / "a", seed=1)
+    trainer.train()
+    assert (tmp_path / "a" / "checkpoint-2" / "lora" / "adapter_model.safetensors").is_file()
+    expected_lora = {n: p.detach().clone() for n, p in lora_params(model).items()}
+    expected_reft = {k: v.clone() for k, v in reft_model.adapters.state_dict().items()}
+
+    resumed, model_b, reft_b = run(tmp_path / "b", seed=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for name, value in lora_params(model_b).items():
+        torch.testing.assert_close(value, expected_lora[name], atol=1e-6, rtol=0, msg=name)
+    for key, value in reft_b.adapters.state_dict().items():
+        torch.testing.assert_close(value, expected_reft[key], atol=1e-6, rtol=0, msg=key)
+
+    # a checkpoint without LoRA weights cannot resume a LoRA run silently
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "checkpoint-2" / "lora")
+    with pytest.raises(CheckpointError, match="no lora/ folder"):
+        resumed._load_from_checkpoint(str(tmp_path / "a" / "checkpoint-2"))

@@ -116,6 +116,43 @@ def test_loss_matches_the_base_model_loss(tok, tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_lm_head_runs_only_on_supervised_positions(tok, tmp_path):
+    """``logits_to_keep`` from the CPU labels: same loss and gradients as full logits, fewer rows in the head."""
+    reft_model = reft_lm()
+    module = data(tok, reft_model)
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=args(tmp_path), **module)
+    batch = trainer._prepare_inputs(module["data_collator"]([module["train_dataset"][i] for i in range(4)]))
+    assert batch["labels"].device.type == "cpu"
+    head_rows = []
+    handle = reft_model.model.lm_head.register_forward_hook(lambda m, a, out: head_rows.append(out.shape[1]))
+
+    def loss_and_grads():
+        reft_model.zero_grad()
+        loss = trainer.compute_loss(reft_model, dict(batch), num_items_in_batch=torch.tensor(9))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in reft_model.named_parameters() if p.requires_grad}
+
+    try:
+        trimmed = loss_and_grads()
+        trainer._logits_to_keep_supported = False  # what a model without the argument gets
+        full = loss_and_grads()
+    finally:
+        handle.remove()
+    seq_len = batch["input_ids"].shape[1]
+    first_target = int((batch["labels"] != -100).any(0).nonzero()[0]) - 1
+    assert head_rows == [seq_len - first_target, seq_len], head_rows
+    torch.testing.assert_close(trimmed[0], full[0], atol=1e-6, rtol=1e-6)
+    assert trimmed[1].keys() == full[1].keys()
+    for name in full[1]:
+        torch.testing.assert_close(trimmed[1][name], full[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+    # evaluation with predictions keeps every position's logits
+    trainer._logits_to_keep_supported = None
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(reft_model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[1] == seq_len
+
+
 def test_gradient_accumulation_equals_full_batch(tok, tmp_path):
     # Outputs of different lengths: a mean of per-micro-batch means would differ from the full-batch mean.
     states = []

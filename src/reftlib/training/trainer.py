@@ -13,14 +13,17 @@ What they change compared with a plain ``Trainer``:
   and divides the summed loss by ``num_items_in_batch`` (the supervised tokens of the whole
   accumulated batch, gathered across processes), exactly as Hugging Face normalizes causal-LM
   losses, so gradient accumulation and DDP give the gradient of the full batch.
+  The LM head runs only on the trailing positions that hold supervised tokens
+  (``logits_to_keep``, read from the CPU labels; same loss, less compute and memory).
   :class:`ReftTrainerForSequenceClassification` does the same with one item per label.
   :class:`ReftTrainer` keeps the model's own loss (the base model's, when labels are given).
 * **Checkpoints.** ``save_model`` and every ``checkpoint-N`` folder hold the reftlib files
   (``reft_config.json`` + ``reft_model.safetensors``, written by ``reft_model.save_pretrained``)
-  and the tokenizer, never the base model's weights; only the main process writes
+  and the tokenizer, never the base model's weights; when the base is a ``peft.PeftModel`` whose
+  LoRA weights train too, they go to ``lora/`` beside them. Only the main process writes
   (``args.should_save``). ``resume_from_checkpoint`` and ``load_best_model_at_end`` load the saved
-  tensors back into the existing interventions (same parameter objects, so the optimizer state
-  restored by the Trainer applies to them).
+  tensors back into the existing interventions and LoRA weights (same parameter objects, so the
+  optimizer state restored by the Trainer applies to them).
 * **Weight decay.** Intervention weights (``learned_source.weight``, ``rotate_layer.raw``, …) decay;
   parameters named ``bias`` do not, whatever the intervention or adapter is called.
 
@@ -47,7 +50,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import CheckpointError, ReftConfigError
 from ..interventions.rotation import OrthonormalRows
-from ..model import ReftModel
+from ..model import ReftModel, _innermost_model
 from .classification import ReftModelForSequenceClassification, classification_loss
 from .data import IGNORE_INDEX, ReftDataCollator
 
@@ -60,6 +63,7 @@ __all__ = [
 ]
 
 TRAINING_ARGS_NAME = "training_args.bin"
+LORA_SUBFOLDER = "lora"  # LoRA weights next to the interventions when a PeftModel is trained too
 _KEEP_ON_CPU = ("intervention_locations",)
 
 
@@ -241,6 +245,9 @@ class ReftTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         self.reft_model.save_pretrained(output_dir)
+        peft_model = _trained_peft_model(self.reft_model)
+        if peft_model is not None:  # LoRA trained together with the interventions
+            peft_model.save_pretrained(os.path.join(output_dir, LORA_SUBFOLDER))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -255,10 +262,12 @@ class ReftTrainer(Trainer):
         """Load the interventions saved in ``resume_from_checkpoint`` into the model being trained."""
         target = _unwrap(self.accelerator.unwrap_model(model if model is not None else self.model))
         load_intervention_weights(target, resume_from_checkpoint)
+        _load_lora_weights(target, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         """Load the interventions of ``state.best_model_checkpoint`` (``load_best_model_at_end``)."""
         load_intervention_weights(self.reft_model, self.state.best_model_checkpoint)
+        _load_lora_weights(self.reft_model, self.state.best_model_checkpoint)
 
     # ------------------------------------------------------------------ loss normalization
     def _normalize(self, loss: torch.Tensor, count: torch.Tensor | None, num_items_in_batch) -> torch.Tensor:
@@ -288,6 +297,19 @@ class ReftTrainerForCausalLM(ReftTrainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # ask the Trainer to count num_items_in_batch
         self._loss_shifts_labels = True  # ... over labels[:, 1:], like HF's causal-LM loss
+        self._logits_to_keep_supported: bool | None = None
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """As :meth:`ReftTrainer._prepare_inputs`, and the labels stay on the CPU too.
+
+        The loss reads them there to decide how many trailing positions need logits (no device
+        sync), then moves them to the device itself.
+        """
+        labels = inputs.get("labels")
+        prepared = super()._prepare_inputs(inputs)
+        if labels is not None:
+            prepared["labels"] = labels
+        return prepared
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
@@ -295,15 +317,44 @@ class ReftTrainerForCausalLM(ReftTrainer):
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ReftConfigError("ReftTrainerForCausalLM needs 'labels' in every batch (-100 on prompt tokens)")
+        # Shift by padding the labels (as HF does) instead of slicing the logits: no copy of [B, T, V].
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        keep = None if return_outputs else self._logits_to_keep(targets)
+        if keep is not None:
+            inputs["logits_to_keep"] = keep
+            targets = targets[:, -keep:]
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        # Shift by padding the labels (as HF does) instead of slicing the logits: no copy of [B, T, V].
-        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+        targets = targets.to(logits.device, non_blocking=True)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else None
         loss = self._normalize(loss, count, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _logits_to_keep(self, targets: torch.Tensor) -> int | None:
+        """How many trailing positions hold a supervised target, when the LM head can skip the others.
+
+        Supervised answers follow their prompts, so on typical instruction data only the last
+        third or so of the padded positions need logits; the LM head (hidden × vocabulary) is a
+        large share of a small model's forward, and its logits the largest activation kept for
+        backward. Hugging Face causal LMs take ``logits_to_keep=k`` to compute the last ``k``
+        only; the loss is unchanged because every earlier target is ``-100``. ``None`` when the
+        labels are on an accelerator (reading them would sync), when nothing would be saved, or
+        when the model's forward has no ``logits_to_keep`` argument.
+        """
+        if targets.device.type != "cpu" or targets.dim() != 2 or not self._accepts_logits_to_keep():
+            return None
+        supervised = (targets != IGNORE_INDEX).any(dim=0).nonzero()
+        first = int(supervised[0]) if len(supervised) else targets.shape[1] - 1
+        keep = targets.shape[1] - first
+        return keep if keep < targets.shape[1] else None
+
+    def _accepts_logits_to_keep(self) -> bool:
+        if self._logits_to_keep_supported is None:
+            base = _innermost_model(self.reft_model.model)
+            self._logits_to_keep_supported = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._logits_to_keep_supported
 
 
 class ReftTrainerForSequenceClassification(ReftTrainer):
@@ -355,6 +406,34 @@ def _unwrap(model: Any) -> Any:
             model = model._orig_mod
         else:
             return model
+
+
+def _trained_peft_model(reft_model: ReftModel) -> nn.Module | None:
+    """The ``PeftModel`` under ``reft_model`` when some of its (LoRA) weights are being trained."""
+    model = reft_model.model
+    if type(model).__module__.split(".", 1)[0] != "peft" or not hasattr(model, "peft_config"):
+        return None
+    return model if any(p.requires_grad for p in model.parameters()) else None
+
+
+def _load_lora_weights(reft_model: ReftModel, folder: str | os.PathLike) -> None:
+    """Load ``folder/lora`` (written by :meth:`ReftTrainer._save`) into the trained ``PeftModel``, in place."""
+    peft_model = _trained_peft_model(reft_model)
+    lora = os.path.join(folder, LORA_SUBFOLDER)
+    if peft_model is None:
+        return
+    if not os.path.isdir(lora):
+        raise CheckpointError(
+            f"{folder} has no {LORA_SUBFOLDER}/ folder but the model trains LoRA weights: the checkpoint was written "
+            "without them (resume from a checkpoint saved while training the same PeftModel)"
+        )
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(lora, device="cpu"),
+                                       adapter_name=peft_model.active_adapter)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise CheckpointError(f"{lora} lacks LoRA weights of the model ({missing[:3]}...): another LoRA config?")
 
 
 def _is_intervention_param(name: str) -> bool:
