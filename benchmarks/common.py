@@ -147,8 +147,9 @@ def describe_machine(info: dict[str, Any]) -> str:
         f"transformers {info['transformers']}{', ' + peers if peers else ''}. "
         f"Load average (1/5/15 min) {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f} at the start and "
         f"{end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f} at the end, on {info['cores']} cores"
-        + (" — the machine was shared with other jobs; read ratios (paired, same run), not absolute times."
-           if max(start[0], end[0]) > 0.75 * (info["cores"] or 1) else ".")
+        + " (the benchmark's own threads count in it)"
+        + (": the machine was shared with other jobs; read ratios (paired, same run), not absolute times."
+           if max(start[0], end[0]) - info["torch_threads"] > 0.5 else ".")
     )
 
 
