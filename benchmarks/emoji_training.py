@@ -3,7 +3,10 @@
 The recipe is the one of ``examples/emoji_chatbot.py`` (and of pyreft's emoji tutorial): the 10
 ``TRAIN`` examples of that script, one batch of 10 per step, 100 epochs (= 100 steps), rank-4
 LoReFT on the block output of layer 15 of SmolLM2-135M-Instruct at the last prompt token,
-AdamW lr 4e-3 with linear decay, chat-templated prompts.
+AdamW lr 4e-3 with linear decay. ``--template tutorial`` (default) formats the prompts with
+pyreft's tutorial template, as the tutorial run in the field notes did (10 x 27-token batches);
+``--template chat`` uses the model's chat template (with SmolLM2's default system prompt: about
+2.2x longer rows), as ``examples/emoji_chatbot.py`` does.
 
 Measured in one run, on the same collated batch:
 
@@ -19,10 +22,11 @@ Measured in one run, on the same collated batch:
 
 Usage::
 
-    python benchmarks/emoji_training.py [--epochs 100] [--pyreft-steps 4] [--threads N]
-        [--update-docs] [--json FILE]
+    python benchmarks/emoji_training.py [--epochs 100] [--pyreft-steps 4] [--template tutorial|chat]
+        [--threads N] [--update-docs] [--json FILE]
 
-Default run: about 5 minutes on 2 idle CPU cores.
+Default run: about 3 minutes on 2 idle CPU cores (``--pyreft-steps 100``, which trains pyreft to
+the end and compares final losses: about 5).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from reftlib.training import (
 LAYER, RANK, LR, SEED = 15, 4, 4e-3, 42
 PYREFT_REFERENCE_S = 13 * 60 + 8  # pyreft's emoji tutorial on 2 CPU cores (field notes): 13 min 8 s
 PYREFT_REFERENCE_STEP_S, PYREFT_REFERENCE_RAW_S = 7.9, 1.2
+#: pyreft's emoji tutorial prompt template (the one its tutorial uses for TinyLlama-style chat models).
+TUTORIAL_TEMPLATE = "<|user|>:%s</s>\n<|assistant|>:"
 
 
 def log(message: str) -> None:
@@ -109,6 +115,23 @@ def build_pyreft(pyreft, model):
     return rm
 
 
+def pyreft_initial_weights(pyreft, base) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The LoReFT weights pyreft's run starts from (same seed, same construction as :func:`run_pyreft_trainer`).
+
+    reftlib's run starts from them too, so the two final losses differ only by how training
+    moves the weights (parametrization of R, Trainer), not by the random initialization, which on
+    10 examples changes the final loss by more than either implementation does.
+    """
+    torch.manual_seed(SEED)
+    rm = build_pyreft(pyreft, copy.deepcopy(base))
+    intervention = next(iter(rm.interventions.values()))
+    if isinstance(intervention, (tuple, list)):  # older pyvene: (intervention, hook)
+        intervention = intervention[0]
+    rows = intervention.rotate_layer.weight.detach().T.clone()  # pyreft keeps R as [d, r] columns
+    source = {k: v.detach().clone() for k, v in intervention.learned_source.state_dict().items()}
+    return rows, source
+
+
 def pyreft_trainer_class(pyreft):
     """pyreft's ``ReftTrainerForCausalLM`` with the two shims transformers 5 needs (nothing else changed)."""
 
@@ -146,8 +169,7 @@ def raw_step(model, batch: dict[str, Any], pyreft_style: bool):
 def supervised_logits_step(model, batch: dict[str, Any]):
     """Forward + backward computing the LM head only where the loss needs it (``logits_to_keep``).
 
-    This is what the proposed ``ReftTrainerForCausalLM`` patch does (see ``docs/benchmarks.md``):
-    the logits at position ``t`` predict token ``t + 1``, so positions before the first supervised
+    This is what ``ReftTrainerForCausalLM`` does in its loss: the logits at position ``t`` predict token ``t + 1``, so positions before the first supervised
     answer token never enter the loss. Same loss and gradients, less LM-head and softmax work.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="steps of pyreft's Trainer per bracket (before and after reftlib's run; 0 = skip; "
                              ">= --epochs runs pyreft's full training once)")
     parser.add_argument("--raw-reps", type=int, default=5, help="interleaved raw forward+backward repetitions")
+    parser.add_argument("--template", choices=["tutorial", "chat"], default="tutorial",
+                        help="prompt format: pyreft's tutorial template (default) or the model's chat template")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-pyreft", action="store_true", help="do not run pyreft even if installed")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -224,11 +248,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(SEED)
     base, tokenizer = common.load_model(None, device, torch.float32)
-    prompts = apply_chat_template(tokenizer, [q for q, _ in TRAIN])
+    questions = [q for q, _ in TRAIN]
+    if args.template == "chat":
+        prompts = apply_chat_template(tokenizer, questions)
+    else:
+        prompts = [TUTORIAL_TEMPLATE % q for q in questions]
     answers = [a for _, a in TRAIN]
 
     torch.manual_seed(SEED)
     reft_model = build_reftlib(copy.deepcopy(base))
+    same_init = peers is not None
+    if same_init:
+        rows, source = pyreft_initial_weights(peers[0], base)
+        intervention = next(iter(reft_model.interventions.values()))
+        intervention.rotate_layer.set_weight(rows)
+        intervention.learned_source.load_state_dict(source)
     data = make_last_position_supervised_data_module(tokenizer, reft_model.model, prompts, answers)
     batch = data["data_collator"]([data["train_dataset"][i] for i in range(len(TRAIN))])
     batch = {k: (v if k == "intervention_locations" else v.to(device)) for k, v in batch.items()}
@@ -239,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "prompt_max": max(prompt_lengths), "supervised": int((batch["labels"] != -100).sum())}
     log(f"batch {tokens['batch_shape']} (rows {tokens['min_len']}-{tokens['max_len']} tokens, prompts "
         f"{tokens['prompt_min']}-{tokens['prompt_max']}, {tokens['supervised']} supervised tokens)")
-    results: dict[str, Any] = {"machine": machine, "tokens": tokens, "epochs": args.epochs, "notes": []}
+    results: dict[str, Any] = {"machine": machine, "tokens": tokens, "epochs": args.epochs, "notes": [],
+                               "template": args.template, "same_init": same_init}
 
     # 1. raw forward + backward, interleaved with pyreft's
     reft_model.train()
@@ -317,12 +352,17 @@ def render(results: dict[str, Any]) -> str:
     epochs = results["epochs"]
     step = statistics.median(r["steps"][1:] if len(r["steps"]) > 1 else r["steps"])
     raw = results["raw_s"].get("reftlib raw")
+    template = ("chat-templated (`--template chat`)" if results.get("template") == "chat"
+                else f"formatted with pyreft's tutorial template `{TUTORIAL_TEMPLATE!r}`")
+    width = t["batch_shape"][1]
+    scale = f", so every step here does about {width / 27:.1f}x the work of that one" if width > 32 else ""
     out = [f"*Machine:* {common.describe_machine(results['machine'])}", "",
-           f"*Data:* the 10 `TRAIN` examples of `examples/emoji_chatbot.py`, chat-templated: one padded batch of "
+           f"*Data:* the 10 `TRAIN` examples of `examples/emoji_chatbot.py`, {template}: one padded batch of "
            f"{t['batch_shape'][0]} x {t['batch_shape'][1]} tokens (rows of {t['min_len']}-{t['max_len']} real tokens, "
            f"prompts of {t['prompt_min']}-{t['prompt_max']} tokens, {t['supervised']} supervised answer tokens). "
-           "pyreft's tutorial measurement used 10 x 27-token batches, so every step here does about "
-           f"{t['batch_shape'][1] / 27:.1f}x the work of that one.", ""]
+           f"pyreft's tutorial measurement used 10 x 27-token batches{scale}."
+           + (" Both runs start from the same LoReFT weights (pyreft's seeded initialization, copied into "
+              "reftlib's intervention)." if results.get("same_init") else ""), ""]
     rows = [["reftlib Trainer (measured)", f"{epochs}", f"{r['total_s']:.1f}", f"{step:.3f}",
              common.fmt(raw, "{:.3f}"), common.fmt(step / raw if raw else None, "{:.2f}x"),
              f"{r['losses'][0]:.3f} → {r['losses'][-1]:.4f} (eval after: {r['loss_after']:.4f})"]]
@@ -368,7 +408,7 @@ def render(results: dict[str, Any]) -> str:
     kept = results["raw_s"].get("reftlib raw, logits_to_keep")
     if kept is not None:
         lines.append(f"raw forward + backward with the LM head on the last {t['logits_to_keep']} of "
-                     f"{t['batch_shape'][1]} positions only (what the proposed Trainer patch does; same loss and "
+                     f"{t['batch_shape'][1]} positions only (what reftlib's Trainer does; same loss and "
                      f"gradients): {kept:.3f} s, {common.fmt(results.get('raw_keep_speedup'), '{:.2f}x')} faster "
                      "than the plain raw step")
     out += [f"* {line}." for line in lines]

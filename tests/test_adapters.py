@@ -398,6 +398,22 @@ def test_load_adapter_next_to_others_gives_identical_outputs(tmp_path):
     assert not any(p.requires_grad for p in fresh.adapters["bee"].parameters())
 
 
+def test_load_adapter_by_saved_name_or_subfolder(tmp_path):
+    reft_model = _build()
+    reft_model.save_pretrained(tmp_path)
+    fresh = reftlib.get_reft_model(tiny_model("llama"), _rep(2), adapter_name="mine")
+    fresh.load_adapter(tmp_path, adapter_name="c")  # the folder's index names "c": its subfolder is loaded
+    fresh.load_adapter(tmp_path, adapter_name="bee", subfolder="b")  # explicit subfolder, new name
+    fresh.load_adapter(str(tmp_path), adapter_name="a")  # the root adapter, under its saved name
+    for prompt in PROMPTS[:2]:
+        for ours, theirs in (("c", "c"), ("bee", "b"), ("a", "a")):
+            torch.testing.assert_close(_forward_alone(fresh, prompt, ours), _forward_alone(reft_model, prompt, theirs),
+                                       atol=0, rtol=0)
+    with pytest.raises(reftlib.CheckpointError, match="no subfolder 'zz'"):
+        fresh.load_adapter(tmp_path, adapter_name="zed", subfolder="zz")
+    assert "zed" not in fresh.adapter_names
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -126,6 +126,27 @@ def test_input_errors():
                    intervention_locations=torch.zeros(1, 1, 1, dtype=torch.long))
 
 
+def test_intervention_on_another_device_than_its_layer():
+    reft_model = reftlib.get_reft_model(tiny_model("llama"), {"layer": 1, "low_rank_dimension": 2})
+    reft_model.interventions["layer_1_block_output"].to("meta")  # a device the hidden states are not on
+    with pytest.raises(reftlib.DeviceError, match=r"is on meta but model.layers.1 computes on cpu.*"
+                                                  r"adapters\['default'\]\['layer_1_block_output'\].to\('cpu'\)"):
+        reft_model(input_ids=torch.tensor([[1, 2, 3]]), unit_locations="l1")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequence_longer_than_the_model_allows(family):
+    model = tiny_model(family)
+    limit = model.config.max_position_embeddings if family == "llama" else model.config.n_positions
+    reft_model = reftlib.get_reft_model(model, {"layer": 1, "low_rank_dimension": 2})
+    too_long = torch.ones(1, limit + 1, dtype=torch.long)
+    with pytest.raises(reftlib.InputError, match=rf"input has {limit + 1} tokens .* at most {limit}.*truncation=True"):
+        reft_model(input_ids=too_long)
+    with pytest.raises(reftlib.InputError, match=rf"prompt has {limit + 1} tokens .*max_length={limit}"):
+        reft_model.generate(input_ids=too_long, max_new_tokens=1)
+    assert reft_model(input_ids=too_long[:, :limit]).logits.shape[1] == limit  # the longest allowed input works
+
+
 def test_nan_check_reports_the_intervention():
     reft_model = reftlib.get_reft_model(tiny_model("llama"), {"layer": 1, "low_rank_dimension": 2})
     with torch.no_grad():
@@ -137,6 +158,6 @@ def test_nan_check_reports_the_intervention():
 
 
 def test_errors_share_a_base_class():
-    for cls in [reftlib.ReftConfigError, reftlib.PositionError, reftlib.ArchitectureError, reftlib.CheckpointError,
+    for cls in [reftlib.ReftConfigError, reftlib.DeviceError, reftlib.PositionError, reftlib.ArchitectureError, reftlib.CheckpointError,
                 reftlib.InputError, reftlib.AdapterError, reftlib.NumericalError]:
         assert issubclass(cls, reftlib.ReftError)

@@ -77,6 +77,36 @@ def test_generated_mode_equals_manual_loop():
     assert torch.equal(generated, seq)
 
 
+def test_default_mode_steers_generated_tokens_only_with_every_position_interventions():
+    """``mode="auto"``: an every-position intervention acts on generated tokens too, an ``"l1"`` one does not.
+
+    Reference: a greedy loop of full forwards in which the every-position intervention edits the
+    whole sequence and the ``"l1"`` one the last prompt token only.
+    """
+    model = tiny_model("llama")
+    config = reftlib.ReftConfig(representations=[
+        {"layer": 1, "component": "block_output", "low_rank_dimension": 2, "positions": None},
+        {"layer": 2, "component": "block_output", "low_rank_dimension": 2, "positions": "l1"},
+    ])
+    reft_model = reftlib.get_reft_model(model, config)
+    randomize(reft_model, scale=1.0)
+    everywhere, last = list(reft_model.interventions)
+    ids = torch.tensor([PROMPTS[0]])
+    generated = reft_model.generate(input_ids=ids, **GEN)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            logits = reft_model(input_ids=seq, unit_locations={everywhere: None, last: [[ids.shape[1] - 1]]}).logits
+            seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, seq)
+    assert torch.equal(generated, reft_model.generate(input_ids=ids, use_cache=False, **GEN))
+    assert not torch.equal(generated, reft_model.generate(input_ids=ids, mode="prompt", **GEN))
+    # only position-restricted interventions: "auto" is "prompt"
+    _, restricted = _reft()
+    assert torch.equal(restricted.generate(input_ids=ids, unit_locations="l1", **GEN),
+                       restricted.generate(input_ids=ids, unit_locations="l1", mode="prompt", **GEN))
+
+
 def test_interventions_change_generation_and_disable_restores_base():
     model, reft_model = _reft()
     ids = torch.tensor([PROMPTS[0]])

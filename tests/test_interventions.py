@@ -148,6 +148,30 @@ def test_rotation_cache_invalidated_by_updates():
     torch.testing.assert_close(second @ second.T, torch.eye(R), atol=1e-5, rtol=0)
 
 
+def test_optimizer_steps_retract_raw_without_changing_r():
+    """After each step that updated it, ``raw`` holds R's rows as columns of length 1/2 (R itself unchanged)."""
+    from reftlib.interventions.rotation import INIT_COLUMN_NORM, _orthonormalize
+
+    trained, frozen, elsewhere = OrthonormalRows(D, R), OrthonormalRows(D, R), OrthonormalRows(D, R)
+    frozen_raw, elsewhere_raw = frozen.raw.detach().clone(), elsewhere.raw.detach().clone()
+    opt = torch.optim.SGD([trained.raw, frozen.raw], lr=0.5)  # frozen: in the optimizer, no gradient
+    target = torch.randn(R, D)
+    for _ in range(3):
+        opt.zero_grad()
+        ((trained.weight - target) ** 2).sum().backward()
+        with torch.no_grad():
+            unretracted = (trained.raw - 0.5 * trained.raw.grad).clone()
+        opt.step()
+        with torch.no_grad():
+            expected = trained.weight.clone()
+            torch.testing.assert_close(expected, _orthonormalize(unretracted), atol=1e-5, rtol=0)
+        norms = trained.raw.detach().norm(dim=0)
+        torch.testing.assert_close(norms, torch.full((R,), INIT_COLUMN_NORM), atol=1e-6, rtol=0)
+        gram = trained.raw.detach().T @ trained.raw.detach()
+        torch.testing.assert_close(gram, torch.eye(R) * INIT_COLUMN_NORM**2, atol=1e-6, rtol=0)
+    assert torch.equal(frozen.raw, frozen_raw) and torch.equal(elsewhere.raw, elsewhere_raw)
+
+
 def test_set_weight_roundtrip():
     rows = OrthonormalRows(D, R)
     q = torch.linalg.qr(torch.randn(D, R))[0].T

@@ -24,6 +24,10 @@ class InputError(ReftError, ValueError):
     """Model inputs (token ids, masks, batch) are unusable."""
 
 
+class DeviceError(ReftError, RuntimeError):
+    """An intervention and the hidden states it edits live on different devices."""
+
+
 class CheckpointError(ReftError):
     """A saved intervention cannot be read or does not fit the model."""
 

@@ -21,7 +21,7 @@ tensors below it do not require gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .components import Site
-from .errors import NumericalError
+from .errors import DeviceError, NumericalError
 from .interventions import Intervention
 
 
@@ -40,7 +40,8 @@ class CallState:
     ``positions[key]`` is a CPU ``[batch, n]`` tensor (``-1`` = padding) or ``None`` for all
     positions. ``prompt_length`` splits the sequence into prompt positions (where
     ``positions`` apply when ``on_prompt``) and generated positions (all of them are edited
-    when ``on_generated``). ``row_masks[adapter]`` restricts an adapter to some rows.
+    when ``on_generated``, by every intervention or, when ``generated_keys`` is given, by those
+    only). ``row_masks[adapter]`` restricts an adapter to some rows.
     """
 
     positions: dict[str, torch.Tensor | None]
@@ -49,6 +50,7 @@ class CallState:
     active: tuple[str, ...]
     on_prompt: bool = True
     on_generated: bool = False
+    generated_keys: frozenset[str] | None = None
     enabled: bool = True
     row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     check_finite: bool = False
@@ -233,19 +235,12 @@ class SiteHook:
             hidden = hidden.unflatten(0, (hidden.shape[0] // length, length))
         heads = self.site.num_heads
         h = hidden.unflatten(-1, (heads, hidden.shape[-1] // heads)) if heads else hidden
-        batch, length = h.shape[0], h.shape[1]
-        for adapter, key, intervention in self.entries:
-            if adapter not in state.active:
-                continue
-            row_mask = state.row_mask(adapter, h.device, batch)
-            if state.on_prompt and start < prompt_length:
-                if state.positions.get(key) is None:
-                    h = apply_on_range(h, intervention, 0, min(prompt_length - start, length), row_mask)
-                else:
-                    rows, pos, valid = state.device_positions(key, h.device, batch, start)
-                    h = apply_at_positions(h, intervention, rows, pos, valid, row_mask)
-            if state.on_generated and start + length > prompt_length:
-                h = apply_on_range(h, intervention, max(prompt_length - start, 0), length, row_mask)
+        for adapter, key, intervention in self._in_stacking_order(state.active):
+            try:
+                h = self._apply_one(h, state, adapter, key, intervention, start, prompt_length)
+            except RuntimeError as exc:
+                self._raise_if_misplaced(exc, h, adapter, key, intervention)
+                raise
             if state.check_finite and not bool(torch.isfinite(h).all()):
                 raise NumericalError(
                     f"intervention {key!r} (adapter {adapter!r}) at {self.site.path} ({self.site.kind}) produced "
@@ -253,3 +248,41 @@ class SiteHook:
                 )
         h = h.flatten(-2) if heads else h
         return h.flatten(0, 1) if flat else h
+
+    def _in_stacking_order(self, active: tuple[str, ...]) -> Iterator[tuple[str, str, Intervention]]:
+        """This site's entries of the call's adapters: adapters in the call's order, each in config order."""
+        if len(active) == 1:
+            yield from (entry for entry in self.entries if entry[0] == active[0])
+            return
+        for adapter in active:
+            yield from (entry for entry in self.entries if entry[0] == adapter)
+
+    @staticmethod
+    def _apply_one(h: torch.Tensor, state: CallState, adapter: str, key: str, intervention: Intervention,
+                   start: int, prompt_length: int) -> torch.Tensor:
+        batch, length = h.shape[0], h.shape[1]
+        row_mask = state.row_mask(adapter, h.device, batch)
+        if state.on_prompt and start < prompt_length:
+            if state.positions.get(key) is None:
+                h = apply_on_range(h, intervention, 0, min(prompt_length - start, length), row_mask)
+            else:
+                rows, pos, valid = state.device_positions(key, h.device, batch, start)
+                h = apply_at_positions(h, intervention, rows, pos, valid, row_mask)
+        if state.on_generated and start + length > prompt_length and (
+            state.generated_keys is None or key in state.generated_keys
+        ):
+            h = apply_on_range(h, intervention, max(prompt_length - start, 0), length, row_mask)
+        return h
+
+    def _raise_if_misplaced(self, exc: RuntimeError, h: torch.Tensor, adapter: str, key: str,
+                            intervention: Intervention) -> None:
+        """Turn torch's device error into one that names the intervention, its layer and the fix."""
+        devices = {p.device for p in intervention.parameters()} | {b.device for b in intervention.buffers()}
+        wrong = sorted(str(d) for d in devices if d != h.device)
+        if wrong:
+            local = key[len(adapter) + 1:] if key.startswith(adapter + ".") else key
+            raise DeviceError(
+                f"intervention {key!r} (adapter {adapter!r}) is on {', '.join(wrong)} but {self.site.path} computes "
+                f"on {h.device}; move it next to its layer: reft_model.adapters[{adapter!r}][{local!r}].to({str(h.device)!r}) "
+                "(reft_model.set_device(device) moves the model and every intervention together)"
+            ) from exc

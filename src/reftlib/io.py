@@ -136,6 +136,11 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
     """A local folder as is, otherwise a Hub snapshot (from the local cache when offline)."""
     path = Path(path_or_repo_id)
     if path.is_dir():
+        subfolder = hub_kwargs.get("subfolder")
+        if subfolder:
+            if not (path / subfolder).is_dir():
+                raise CheckpointError(f"{path} has no subfolder {subfolder!r}")
+            return path / subfolder
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the folder that contains {WEIGHTS_NAME}")
@@ -234,6 +239,23 @@ def _attach(reft_model: ReftModel, adapter_name: str, config_dict: dict[str, Any
         param.requires_grad_(is_trainable)
 
 
+def _read_index(folder: Path) -> dict[str, Any] | None:
+    """The ``reft_adapters.json`` of a multi-adapter folder (validated), or ``None``."""
+    index_path = folder / INDEX_NAME
+    if not index_path.exists():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+        adapters = index["adapters"]
+        if not isinstance(adapters, dict) or not all(isinstance(v, str) for v in adapters.values()):
+            raise TypeError("'adapters' must map names to subfolders")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path} is corrupted ({exc})") from exc
+    if index.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was written by a newer reftlib; upgrade with `pip install -U reftlib`")
+    return index
+
+
 def load_reft_model(path_or_repo_id, model, *, adapter_name: str = "default", is_trainable: bool = False,
                     reft_model_class=None, disable_model_grads: bool = True, **hub_kwargs: Any) -> ReftModel:
     """Build a :class:`ReftModel` on ``model`` from a saved folder or Hub repo.
@@ -247,15 +269,9 @@ def load_reft_model(path_or_repo_id, model, *, adapter_name: str = "default", is
         for param in model.parameters():
             param.requires_grad_(False)
     reft_model = (reft_model_class or ReftModel)(model)
-    index_path = folder / INDEX_NAME
-    if index_path.exists():
-        try:
-            index = json.loads(index_path.read_text())
-            adapters: dict[str, str] = index["adapters"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path} is corrupted ({exc})") from exc
-        if index.get("format_version", 1) > FORMAT_VERSION:
-            raise CheckpointError(f"{folder} was written by a newer reftlib; upgrade with `pip install -U reftlib`")
+    index = _read_index(folder)
+    if index is not None:
+        adapters: dict[str, str] = index["adapters"]
         for name, sub in adapters.items():
             config, tensors = read_adapter(folder / sub)
             _attach(reft_model, name, config, tensors, is_trainable, folder / sub)
@@ -281,6 +297,15 @@ def load_adapter_into(reft_model: ReftModel, path_or_repo_id, adapter_name: str,
             f"an adapter named {adapter_name!r} is already loaded; choose another adapter_name or delete_adapter() it"
         )
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+    index = _read_index(folder)
+    if index is not None:
+        saved = index["adapters"]
+        if adapter_name in saved:  # PEFT-style: the adapter saved under that name, from its subfolder
+            folder = folder / saved[adapter_name]
+        else:
+            root = next((name for name, sub in saved.items() if sub == "."), None)
+            logger.info("%s holds adapters %s; loading %r (the one at the root) as %r. Pass adapter_name=<saved "
+                        "name> or subfolder=<name> for another one", folder, list(saved), root, adapter_name)
     config, tensors = read_adapter(folder)
     # Loading does not change which adapters are active (the first adapter of a model becomes active).
     _attach(reft_model, adapter_name, config, tensors, is_trainable, folder, activate=not reft_model.active_adapters)

@@ -26,6 +26,7 @@ from .positions import normalize_unit_locations
 DEFAULT_ADAPTER = "default"
 
 _GENERATION_MODES = {
+    "auto": (True, True),  # generated tokens: only interventions whose positions are "every position"
     "prompt": (True, False),
     "generated": (False, True),
     "prompt+generated": (True, True),
@@ -420,7 +421,6 @@ class ReftModel(nn.Module):
     def _call(self, state: CallState) -> Iterator[None]:
         previous = (self._state, self._in_call)
         self._state, self._in_call = state, True
-        self._order_site_hooks(state.active)
         try:
             yield
         finally:
@@ -433,13 +433,6 @@ class ReftModel(nn.Module):
             # call's state must outlive forward(); it is dropped at the next call.
             self._state = state if keep and previous[0] is None else previous[0]
             self._in_call = previous[1]
-
-    def _order_site_hooks(self, order: Sequence[str]) -> None:
-        """Sort each site's entries into the call's stacking order (the hooks apply them in list order)."""
-        rank = {name: i for i, name in enumerate(order)}
-        for hook in self._site_hooks.values():
-            if len(hook.entries) > 1:
-                hook.entries.sort(key=lambda entry: rank.get(entry[0], len(rank)))
 
     @contextlib.contextmanager
     def disable_interventions(self) -> Iterator[None]:
@@ -490,6 +483,9 @@ class ReftModel(nn.Module):
                 raise PositionError("give unit_locations or intervention_locations, not both")
             unit_locations = {"sources->base": (None, intervention_locations.permute(1, 0, 2))}
         attention_mask = self._attention_mask(inputs)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        self._check_length(self._input_length(inputs) + int(cached), "the input")
         # Positions index the input_ids of this call (also when a KV cache holds earlier tokens).
         state = self._make_state(attention_mask[:, -self._input_length(inputs):], unit_locations, adapter_names)
         state.check_finite = check_finite
@@ -500,6 +496,15 @@ class ReftModel(nn.Module):
         with self._call(state):
             outputs = self.model(**inputs)
         return (original, outputs) if pyreft_style else outputs
+
+    def _check_length(self, length: int, what: str) -> None:
+        """Refuse sequences longer than the model's position table (an index error or silent garbage otherwise)."""
+        limit = _max_positions(self.model)
+        if limit is not None and length > limit:
+            raise InputError(
+                f"{what} has {length} tokens but the model handles at most {limit} (config.max_position_embeddings); "
+                f"truncate it, e.g. tokenizer(..., truncation=True, max_length={limit})"
+            )
 
     @staticmethod
     def _input_length(inputs: Mapping[str, Any]) -> int:
@@ -547,8 +552,13 @@ class ReftModel(nn.Module):
 
         ``mode`` chooses where interventions act:
 
-        * ``"prompt"`` (default): at ``unit_locations`` in the prompt only. Decode steps run
-          the plain model on top of the intervened cache.
+        * ``"auto"`` (default): each intervention where its positions say. Position-restricted
+          ones (``unit_locations`` or configured ``positions`` such as ``"l1"``) act on those
+          prompt positions only; interventions on every position (``positions=None``, e.g.
+          LoFiT's head offsets) act on the whole prompt *and* on every generated token, as in
+          a forward pass over the full sequence.
+        * ``"prompt"``: at ``unit_locations`` in the prompt only, whatever the positions. Decode
+          steps run the plain model on top of the intervened cache.
         * ``"generated"``: at every generated token (each new token fed back as input, i.e.
           positions ≥ the prompt length), not on the prompt. Same as ``intervene_on_prompt=False``.
         * ``"prompt+generated"``: at ``unit_locations`` in the prompt and at every generated token.
@@ -562,7 +572,7 @@ class ReftModel(nn.Module):
         if sources is not None:
             raise InputError("reftlib interventions take no source inputs (interchange interventions are not supported)")
         if mode is None:
-            mode = "prompt" if intervene_on_prompt else "generated"
+            mode = "auto" if intervene_on_prompt else "generated"
         if mode not in _GENERATION_MODES:
             raise ReftConfigError(f"unknown generation mode {mode!r}; use one of {list(_GENERATION_MODES)}")
         on_prompt, on_generated = _GENERATION_MODES[mode]
@@ -574,6 +584,7 @@ class ReftModel(nn.Module):
         attention_mask = self._attention_mask(inputs)
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = attention_mask.to(self._input_device(inputs))
+        self._check_length(attention_mask.shape[1], "the prompt")
         ids = inputs.get("input_ids")
         if ids is not None and bool((attention_mask[:, -1] == 0).any()):
             raise InputError(
@@ -582,6 +593,9 @@ class ReftModel(nn.Module):
             )
         state = self._make_state(attention_mask, unit_locations, adapter_names, on_prompt, on_generated,
                                  all_positions=(mode == "all"))
+        if mode == "auto":  # generated tokens: the interventions that act on every position
+            state.generated_keys = frozenset(key for key, pos in state.positions.items() if pos is None)
+            state.on_generated = bool(state.generated_keys)
         original = None
         if output_original_output:
             with self.disable_interventions():
@@ -683,7 +697,13 @@ class ReftModel(nn.Module):
         return cls.from_pretrained(path_or_repo_id, model, **kwargs)
 
     def load_adapter(self, path_or_repo_id, adapter_name: str, *, is_trainable: bool = False, **hub_kwargs: Any) -> None:
-        """Load a saved adapter next to the existing ones under ``adapter_name``."""
+        """Load a saved adapter next to the existing ones under ``adapter_name``.
+
+        ``path_or_repo_id`` is a folder (or Hub repo) written by :meth:`save_pretrained`. When it
+        holds several adapters, the one saved under ``adapter_name`` is loaded (from its
+        subfolder); another name loads the adapter saved at the root. ``subfolder=`` picks a
+        subfolder explicitly. Which adapters are active does not change.
+        """
         from .io import load_adapter_into
 
         load_adapter_into(self, path_or_repo_id, adapter_name, is_trainable=is_trainable, **hub_kwargs)
@@ -708,6 +728,18 @@ def _innermost_model(model: nn.Module) -> nn.Module:
         if isinstance(inner, nn.Module) and inner is not model:
             return inner
     return model
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings`` or its aliases), if known."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _checkpointing(model: nn.Module) -> bool:

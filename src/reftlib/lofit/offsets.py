@@ -59,8 +59,8 @@ def tune_offsets(
 
     Returns:
         the trained :class:`~reftlib.ReftModel` in eval mode. Its interventions act on every token:
-        ``reft_model(**inputs)`` and scoring use them everywhere; for generation use
-        ``reft_model.generate(..., mode="all")`` or merge them with :func:`~reftlib.lofit.merge_and_unload`.
+        ``reft_model(**inputs)``, scoring and ``reft_model.generate(...)`` (prompt and generated
+        tokens) use them everywhere; :func:`~reftlib.lofit.merge_and_unload` folds them into the model.
     """
     set_seed(seed)
     reft_model = get_reft_model(model, lofit_config(heads, init_std=init_std), adapter_name=adapter_name)
