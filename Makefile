@@ -44,7 +44,10 @@ test: $(STAMP)
 # The core suites against the oldest supported transformers (the default venv has the newest).
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -c "import transformers; print('transformers', transformers.__version__)"
-	$(COMPAT_PY) -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider -m "not slow" -q $(COMPAT_TESTS)
+	$(COMPAT_PY) -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider -m "not slow" -q $(COMPAT_TESTS) \
+		--deselect tests/test_training.py::test_bf16_autocast_on_cpu
+	# Alone: under transformers 4.x a bf16 Trainer leaves process-wide autocast state behind.
+	$(COMPAT_PY) -m pytest -p no:cacheprovider -q tests/test_training.py::test_bf16_autocast_on_cpu
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow"

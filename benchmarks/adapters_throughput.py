@@ -24,7 +24,7 @@ Usage::
         [--new-tokens N] [--mode prompt|prompt+generated] [--threads N] [--out FILE]
 
 The default (SmolLM2-135M-Instruct from :func:`reftlib.offline.load_default_model`, CPU, 5
-repetitions of 24 new tokens) takes about 3 minutes on 2 otherwise idle CPU cores, and writes
+repetitions of 64 new tokens) takes about 10 minutes on 2 otherwise idle CPU cores, and writes
 its report into ``docs/benchmarks_adapters.md``.
 """
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help=f"from_pretrained folder (default: offline {DEFAULT_MODEL_NAME})")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per system (after one warm-up)")
-    parser.add_argument("--new-tokens", type=int, default=24, help="new tokens generated per row")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens generated per row")
     parser.add_argument("--mode", default="prompt", choices=["prompt", "prompt+generated"],
                         help="where the interventions act (reftlib generate mode); positions are 'l1'")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = [rep.layer for name in ADAPTERS for rep in reft_model.reft_configs[name].representations]
     options = " ".join(f"{flag} {value}" for flag, value, default in (
         ("--model", args.model, None), ("--device", args.device, "cpu"), ("--reps", args.reps, 5),
-        ("--new-tokens", args.new_tokens, 24), ("--mode", args.mode, "prompt"), ("--threads", args.threads, None),
+        ("--new-tokens", args.new_tokens, 64), ("--mode", args.mode, "prompt"), ("--threads", args.threads, None),
     ) if value != default)
     report = (
         "# Benchmark: mixed-adapter batches\n\n"

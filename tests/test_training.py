@@ -240,11 +240,42 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok):
 
     plain = grads()
     reft_model.gradient_checkpointing_enable()
-    assert reft_model.model.is_activation_checkpointing
+    from reftlib.model import _checkpointing
+
+    assert _checkpointing(reft_model.model)  # is_activation_checkpointing (transformers 5) / is_gradient_checkpointing
     checkpointed = grads()
     reft_model.gradient_checkpointing_disable()
     assert_states_close(plain, checkpointed, atol=1e-5)
     assert all(g.abs().sum() > 0 for g in plain.values())
+
+
+@pytest.mark.parametrize("enable", ["reftlib", "base model"])
+def test_checkpointing_recomputes_each_call_with_its_own_positions(tok, enable):
+    """Two forwards at different positions, one backward (DPO's chosen + rejected), then another step."""
+    reft_model = reft_lm()
+    module = data(tok, reft_model)
+    rows = [module["train_dataset"][i] for i in range(4)]
+    first, second = module["data_collator"](rows[:2]), module["data_collator"](rows[2:])
+    second["intervention_locations"] = second["intervention_locations"].flip(-1)  # other positions
+    reft_model.train()
+
+    def grads(two_calls: bool):
+        reft_model.zero_grad(set_to_none=True)
+        loss = reft_model(**first).loss
+        if two_calls:
+            loss = loss + 0.5 * reft_model(**second).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in reft_model.adapters.named_parameters()}
+
+    plain = [grads(True), grads(False)]
+    if enable == "reftlib":
+        reft_model.gradient_checkpointing_enable()
+    else:  # enabled on the base model directly: reftlib keeps the last call's state (one forward per backward)
+        reft_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = [grads(True), grads(False)] if enable == "reftlib" else [plain[0], grads(False)]
+    reft_model.gradient_checkpointing_disable()
+    for want, got in zip(plain, checkpointed):
+        assert_states_close(want, got, atol=1e-5)
 
 
 def test_trainer_with_gradient_checkpointing_matches(tok, tmp_path):
@@ -464,7 +495,10 @@ def test_push_from_checkpoint_uploads_the_reft_files(tok, tmp_path, monkeypatch)
             done.set_result(None)
             return done
 
-    monkeypatch.setattr(hf_trainer, "hf_api", FakeApi)
+    if hasattr(hf_trainer, "hf_api"):  # transformers 5
+        monkeypatch.setattr(hf_trainer, "hf_api", FakeApi)
+    else:  # transformers 4: module-level huggingface_hub.upload_folder
+        monkeypatch.setattr(hf_trainer, "upload_folder", lambda folder_path, **kw: FakeApi().upload_folder(folder_path))
     reft_model = reft_lm()
     trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, **data(tok, reft_model),
                                      args=args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1))

@@ -424,15 +424,26 @@ class ReftModel(nn.Module):
         try:
             yield
         finally:
-            keep = (
-                torch.is_grad_enabled()
-                and self.training
-                and _checkpointing(_innermost_model(self.model))
-            )
-            # With gradient checkpointing the backward pass re-runs the hooked layers, so the
-            # call's state must outlive forward(); it is dropped at the next call.
-            self._state = state if keep and previous[0] is None else previous[0]
+            if previous[1]:  # a nested call: back to the outer call's state
+                self._state = previous[0]
+            elif (torch.is_grad_enabled() and self.training and _checkpointing(_innermost_model(self.model))
+                  and not self._checkpoint_context_installed()):
+                # Checkpointing enabled on the base model directly (no context_fn): backward re-runs
+                # the hooked layers after forward() returned, so the last grad call's state stays
+                # until the next call. One forward per backward is then required.
+                self._state = state
+            else:  # keep a state retained for checkpointing across no-grad calls (a DPO reference pass)
+                self._state = previous[0]
             self._in_call = previous[1]
+
+    def _checkpoint_context_installed(self) -> bool:
+        """Whether the base model's checkpointing carries :meth:`_checkpoint_contexts` (set by our enable)."""
+        for module in _innermost_model(self.model).modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None:
+                keywords = getattr(func, "keywords", None) or {}
+                return getattr(keywords.get("context_fn"), "__self__", None) is self
+        return False
 
     @contextlib.contextmanager
     def disable_interventions(self) -> Iterator[None]:
@@ -644,13 +655,46 @@ class ReftModel(nn.Module):
     def enable_input_require_grads(self) -> None:
         self.model.enable_input_require_grads()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable gradient checkpointing on the base model (non-reentrant, so hooks re-run correctly)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        **kwargs: Any) -> None:
+        """Enable activation (gradient) checkpointing on the base model, set up for interventions.
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing_disable()
+        Checkpointing is non-reentrant, and every checkpointed layer remembers the call it ran in
+        (``context_fn``), so the recomputation in backward applies that call's interventions at
+        that call's positions, also when several forward calls precede one backward (DPO's chosen
+        and rejected batches). ``transformers`` 5 names this ``activation_checkpointing_enable``;
+        :meth:`gradient_checkpointing_enable` is the same.
+        """
+        options = {"use_reentrant": False, "context_fn": self._checkpoint_contexts,
+                   **(activation_checkpointing_kwargs or {})}
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if callable(enable):
+            enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:  # transformers < 5
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Same as :meth:`activation_checkpointing_enable` (the name before ``transformers`` 5)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable = getattr(self.model, "activation_checkpointing_disable", None)
+        (disable if callable(disable) else self.model.gradient_checkpointing_disable)()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` of torch's checkpoint: the recomputation runs with the state of the call that ran forward."""
+        return contextlib.nullcontext(), self._running(self._state)
+
+    @contextlib.contextmanager
+    def _running(self, state: CallState | None) -> Iterator[None]:
+        previous = (self._state, self._in_call)
+        self._state, self._in_call = state, state is not None
+        try:
+            yield
+        finally:
+            self._state, self._in_call = previous
 
     def detach(self) -> nn.Module:
         """Remove every hook reftlib added and return the untouched base model."""

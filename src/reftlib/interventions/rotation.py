@@ -12,9 +12,10 @@ R does not depend on the length of ``raw``'s columns, but the optimizer's step s
 Adam moves every entry of ``raw`` by about ``lr`` per step, which turns R by about
 ``lr·√d / ‖column‖``. ``raw`` therefore starts (and is loaded by :meth:`OrthonormalRows.set_weight`)
 with columns of length :data:`INIT_COLUMN_NORM` = 1/2, which gives the same first-order gain as
-pyreft's Householder parametrization (``dQ ≈ 2·dA``). With unit columns, the emoji tutorial (100
-steps, lr 4e-3) ended at a loss of 0.254 against pyreft's 0.111; with 1/2 it ends at 0.054
-(``benchmarks/emoji_training.py``).
+pyreft's Householder parametrization (``dQ ≈ 2·dA``). After every optimizer step that updated it,
+``raw`` is retracted to orthonormal columns of that length (R unchanged, see
+:meth:`OrthonormalRows.retract`), so the step size in R stays the same during training
+(``benchmarks/emoji_training.py`` compares the resulting losses with pyreft's).
 """
 
 from __future__ import annotations
