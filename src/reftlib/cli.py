@@ -68,7 +68,7 @@ TRAIN_RECORD_NAME = "reftlib_train.json"
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _SAVE_STRATEGIES = ("no", "steps", "epoch")
-_GENERATION_MODES = ("prompt", "generated", "prompt+generated", "all")
+_GENERATION_MODES = ("auto", "prompt", "generated", "prompt+generated", "all")
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 # Every config key, by section, with the help text shown by `reftlib train --help`. Validation uses the
@@ -908,7 +908,7 @@ def _tokenize_left_padded(tokenizer: Any, texts: list[str], device: Any) -> dict
 
 
 def generate_texts(reft_model: ReftModel, tokenizer: Any, texts: list[str], *, max_new_tokens: int = 64,
-                   mode: str = "prompt", positions: str | None = None, compare: bool = False,
+                   mode: str = "auto", positions: str | None = None, compare: bool = False,
                    batch_size: int = 8, **generate_kwargs: Any) -> list[tuple[str | None, str]]:
     """``(base answer or None, intervened answer)`` per formatted prompt, in batches of ``batch_size``.
 
@@ -1211,9 +1211,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", metavar="MODEL",
                      help="'default' (offline SmolLM2) or a local model folder (default: the one it was trained on)")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
-    gen.add_argument("--mode", choices=_GENERATION_MODES, default="prompt",
-                     help="where interventions act: on the prompt positions (default), on every generated "
-                          "token, both, or everywhere")
+    gen.add_argument("--mode", choices=_GENERATION_MODES, default="auto",
+                     help="where interventions act: each at its positions, every-position ones also on generated "
+                          "tokens (auto, default); the prompt positions only; every generated token; both; or "
+                          "everywhere")
     gen.add_argument("--positions", metavar="SPEC", help="override the saved positions, e.g. l1 or f3+l3")
     gen.add_argument("--compare", action="store_true",
                      help="also generate with the base model and print both side by side")
