@@ -46,6 +46,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import InputError, PositionError
+from ..model import _max_positions
 from ..positions import parse_position_spec, resolve_position_spec
 
 logger = logging.getLogger(__name__)
@@ -145,14 +146,9 @@ def default_max_length(tokenizer: Any, model: Any = None) -> int:
     """``tokenizer.model_max_length`` capped at the model's ``max_position_embeddings`` (when known)."""
     limit = getattr(tokenizer, "model_max_length", None)
     limit = int(limit) if isinstance(limit, int) and 0 < limit < 10**9 else None
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None) if config is not None else None
-        if isinstance(value, int) and value > 0:
-            limit = value if limit is None else min(limit, value)
-            break
+    positions = _max_positions(model) if model is not None else None
+    if positions is not None:
+        limit = positions if limit is None else min(limit, positions)
     if limit is None:
         raise InputError(
             "cannot tell the maximum sequence length (tokenizer.model_max_length is unset and the model config has "

@@ -39,6 +39,7 @@ are always computed in fp32. FSDP is not supported (interventions are small: use
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 from typing import Any
@@ -410,10 +411,12 @@ def _unwrap(model: Any) -> Any:
 
 def _trained_peft_model(reft_model: ReftModel) -> nn.Module | None:
     """The ``PeftModel`` under ``reft_model`` when some of its (LoRA) weights are being trained."""
-    model = reft_model.model
-    if type(model).__module__.split(".", 1)[0] != "peft" or not hasattr(model, "peft_config"):
+    if importlib.util.find_spec("peft") is None:
         return None
-    return model if any(p.requires_grad for p in model.parameters()) else None
+    from ..peft_utils import find_peft_model
+
+    model = find_peft_model(reft_model)
+    return model if model is not None and any(p.requires_grad for p in model.parameters()) else None
 
 
 def _load_lora_weights(reft_model: ReftModel, folder: str | os.PathLike) -> None:
