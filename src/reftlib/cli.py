@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from .config import COMPONENTS, ReftConfig
 from .errors import ReftConfigError, ReftError
 from .interventions import intervention_class, registered_interventions
+from .model import _GENERATION_MODES as GENERATION_MODES
 from .positions import parse_position_spec
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ TRAIN_RECORD_NAME = "reftlib_train.json"
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _SAVE_STRATEGIES = ("no", "steps", "epoch")
-_GENERATION_MODES = ("auto", "prompt", "generated", "prompt+generated", "all")
+_GENERATION_MODES = tuple(GENERATION_MODES)
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 # Every config key, by section, with the help text shown by `reftlib train --help`. Validation uses the
