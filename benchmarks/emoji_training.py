@@ -85,12 +85,12 @@ class StepTimer(TrainerCallback):
         self._last = now
 
 
-def training_args(output_dir: str, epochs: int | None = None, max_steps: int = -1) -> TrainingArguments:
+def training_args(output_dir: str, epochs: int | None = None, max_steps: int = -1, seed: int = SEED) -> TrainingArguments:
     """The demo's arguments (``examples/emoji_chatbot.py``), logging every step."""
     return TrainingArguments(
         output_dir=output_dir, num_train_epochs=epochs or 1, max_steps=max_steps,
         per_device_train_batch_size=len(TRAIN), learning_rate=LR, lr_scheduler_type="linear",
-        logging_steps=1, save_strategy="no", report_to=[], seed=SEED, use_cpu=not torch.cuda.is_available(),
+        logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True, dataloader_num_workers=0,
     )
 
@@ -115,14 +115,14 @@ def build_pyreft(pyreft, model):
     return rm
 
 
-def pyreft_initial_weights(pyreft, base) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pyreft_initial_weights(pyreft, base, seed: int = SEED) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The LoReFT weights pyreft's run starts from (same seed, same construction as :func:`run_pyreft_trainer`).
 
     reftlib's run starts from them too, so the two final losses differ only by how training
     moves the weights (parametrization of R, Trainer), not by the random initialization, which on
     10 examples changes the final loss by more than either implementation does.
     """
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     rm = build_pyreft(pyreft, copy.deepcopy(base))
     intervention = next(iter(rm.interventions.values()))
     if isinstance(intervention, (tuple, list)):  # older pyvene: (intervention, hook)
@@ -200,9 +200,10 @@ def batch_loss(model, batch: dict[str, Any], pyreft_style: bool) -> float:
         return float(model(**batch).loss)
 
 
-def run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, steps: int, epochs: int) -> dict[str, Any]:
+def run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, steps: int, epochs: int,
+                       seed: int = SEED) -> dict[str, Any]:
     """pyreft's Trainer on the tutorial recipe for ``steps`` steps (its schedule is that of ``epochs``)."""
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = copy.deepcopy(base)
     rm = build_pyreft(pyreft, model)
     tok = copy.deepcopy(tokenizer)
@@ -210,7 +211,7 @@ def run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, steps: int, ep
     data = pyreft.make_last_position_supervised_data_module(tok, model, prompts, answers)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        args = training_args(tmp, epochs=epochs, max_steps=steps if steps < epochs else -1)
+        args = training_args(tmp, epochs=epochs, max_steps=steps if steps < epochs else -1, seed=seed)
         trainer = pyreft_trainer_class(pyreft)(model=rm, tokenizer=tok, args=args, callbacks=[timer], **data)
         start = time.perf_counter()
         trainer.train()
@@ -222,6 +223,65 @@ def run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, steps: int, ep
     batch = data["data_collator"]([data["train_dataset"][i] for i in range(len(prompts))])
     after = batch_loss(rm, batch, pyreft_style=True)
     return {"steps": timer.steps, "total_s": total, "losses": losses, "loss_after": after}
+
+
+def run_reftlib_trainer(base, tokenizer, prompts, answers, epochs: int, seed: int,
+                        initial: tuple[torch.Tensor, dict[str, torch.Tensor]] | None) -> dict[str, Any]:
+    """reftlib's Trainer on the tutorial recipe (from ``initial`` LoReFT weights when given)."""
+    torch.manual_seed(seed)
+    reft_model = build_reftlib(copy.deepcopy(base))
+    if initial is not None:
+        intervention = next(iter(reft_model.interventions.values()))
+        intervention.rotate_layer.set_weight(initial[0])
+        intervention.learned_source.load_state_dict(initial[1])
+    data = make_last_position_supervised_data_module(tokenizer, reft_model.model, prompts, answers)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args(tmp, epochs, seed=seed),
+                                         callbacks=[timer], **data)
+        start = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - start
+    reft_model.eval()
+    batch = data["data_collator"]([data["train_dataset"][i] for i in range(len(prompts))])
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"total_s": total, "steps": timer.steps, "losses": losses,
+            "loss_after": batch_loss(reft_model, batch, pyreft_style=False)}
+
+
+def compare_losses(pyreft, base, tokenizer, prompts, answers, seeds: list[int], epochs: int) -> list[dict[str, Any]]:
+    """Final training loss of pyreft's and reftlib's Trainers from the same initial weights, per seed.
+
+    One seed is one trajectory on 10 examples, which the initialization and the order of floating-
+    point operations move by more than either implementation does; several seeds show whether one
+    implementation ends lower systematically.
+    """
+    rows = []
+    for seed in seeds:
+        initial = pyreft_initial_weights(pyreft, base, seed)
+        theirs = run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, epochs, epochs, seed=seed)
+        ours = run_reftlib_trainer(base, tokenizer, prompts, answers, epochs, seed, initial)
+        rows.append({"seed": seed, "pyreft": theirs["losses"][-1], "pyreft_after": theirs["loss_after"],
+                     "pyreft_s": theirs["total_s"], "reftlib": ours["losses"][-1],
+                     "reftlib_after": ours["loss_after"], "reftlib_s": ours["total_s"]})
+        log(f"  seed {seed}: last-step loss pyreft {rows[-1]['pyreft']:.4f} ({theirs['total_s']:.0f} s), "
+            f"reftlib {rows[-1]['reftlib']:.4f} ({ours['total_s']:.0f} s)")
+    return rows
+
+
+def render_loss_seeds(rows: list[dict[str, Any]], epochs: int) -> str:
+    """Markdown table of :func:`compare_losses`."""
+    table = common.markdown_table(
+        ["seed", "pyreft last-step loss", "reftlib last-step loss", "pyreft eval loss after", "reftlib eval loss after",
+         "pyreft train() s", "reftlib train() s"],
+        [[r["seed"], f"{r['pyreft']:.4f}", f"{r['reftlib']:.4f}", f"{r['pyreft_after']:.4f}",
+          f"{r['reftlib_after']:.4f}", f"{r['pyreft_s']:.0f}", f"{r['reftlib_s']:.0f}"] for r in rows])
+    mean = {k: statistics.mean(r[k] for r in rows) for k in ("pyreft", "reftlib", "pyreft_after", "reftlib_after")}
+    wins = sum(r["reftlib"] <= r["pyreft"] for r in rows)
+    return (f"Final loss over {len(rows)} seeds ({epochs} steps each, both Trainers from the same pyreft-initialized "
+            f"weights per seed):\n\n{table}\n\nMean last-step loss: pyreft {mean['pyreft']:.4f}, reftlib "
+            f"{mean['reftlib']:.4f}; eval loss after training: pyreft {mean['pyreft_after']:.4f}, reftlib "
+            f"{mean['reftlib_after']:.4f}. reftlib ends at or below pyreft on {wins} of {len(rows)} seeds.\n")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -236,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="prompt format: pyreft's tutorial template (default) or the model's chat template")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-pyreft", action="store_true", help="do not run pyreft even if installed")
+    parser.add_argument("--loss-seeds", type=int, nargs="+", default=None,
+                        help="only compare final losses of pyreft's and reftlib's Trainers over these seeds")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -254,6 +316,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         prompts = [TUTORIAL_TEMPLATE % q for q in questions]
     answers = [a for _, a in TRAIN]
+
+    if args.loss_seeds:
+        if peers is None:
+            parser.error("--loss-seeds needs pyreft (pip install --no-deps pyreft pyvene)")
+        log(f"final losses over seeds {args.loss_seeds}")
+        rows = compare_losses(peers[0], base, tokenizer, prompts, answers, args.loss_seeds, args.epochs)
+        text = render_loss_seeds(rows, args.epochs)
+        print("\n" + text)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"machine": machine, "loss_seeds": rows}, indent=1, default=str))
+        if args.update_docs:
+            common.replace_section(common.DOCS / "benchmarks.md", "emoji-seeds", text)
+        return {"loss_seeds": rows}
 
     torch.manual_seed(SEED)
     reft_model = build_reftlib(copy.deepcopy(base))

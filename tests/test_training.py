@@ -117,14 +117,14 @@ def test_loss_matches_the_base_model_loss(tok, tmp_path):
 
 
 def test_lm_head_runs_only_on_supervised_positions(tok, tmp_path):
-    """``logits_to_keep`` from the CPU labels: same loss and gradients as full logits, fewer rows in the head."""
+    """The LM head computes supervised positions only (gathered, else trailing ones): same loss and gradients."""
     reft_model = reft_lm()
     module = data(tok, reft_model)
     trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=args(tmp_path), **module)
     batch = trainer._prepare_inputs(module["data_collator"]([module["train_dataset"][i] for i in range(4)]))
     assert batch["labels"].device.type == "cpu"
     head_rows = []
-    handle = reft_model.model.lm_head.register_forward_hook(lambda m, a, out: head_rows.append(out.shape[1]))
+    handle = reft_model.model.lm_head.register_forward_hook(lambda m, a, out: head_rows.append(tuple(out.shape[:2])))
 
     def loss_and_grads():
         reft_model.zero_grad()
@@ -133,6 +133,8 @@ def test_lm_head_runs_only_on_supervised_positions(tok, tmp_path):
         return loss.detach(), {n: p.grad.clone() for n, p in reft_model.named_parameters() if p.requires_grad}
 
     try:
+        gathered = loss_and_grads()
+        trainer._head_on_supervised = False  # trailing positions only (logits_to_keep)
         trimmed = loss_and_grads()
         trainer._logits_to_keep_supported = False  # what a model without the argument gets
         full = loss_and_grads()
@@ -140,17 +142,44 @@ def test_lm_head_runs_only_on_supervised_positions(tok, tmp_path):
         handle.remove()
     seq_len = batch["input_ids"].shape[1]
     first_target = int((batch["labels"] != -100).any(0).nonzero()[0]) - 1
-    assert head_rows == [seq_len - first_target, seq_len], head_rows
-    torch.testing.assert_close(trimmed[0], full[0], atol=1e-6, rtol=1e-6)
-    assert trimmed[1].keys() == full[1].keys()
-    for name in full[1]:
-        torch.testing.assert_close(trimmed[1][name], full[1][name], atol=1e-6, rtol=1e-5, msg=name)
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert supervised < 4 * (seq_len - first_target)  # the test data has something to gather
+    assert head_rows == [(1, supervised), (4, seq_len - first_target), (4, seq_len)], head_rows
+    for result in (gathered, trimmed):
+        torch.testing.assert_close(result[0], full[0], atol=1e-6, rtol=1e-6)
+        assert result[1].keys() == full[1].keys()
+        for name in full[1]:
+            torch.testing.assert_close(result[1][name], full[1][name], atol=1e-6, rtol=1e-5, msg=name)
 
     # evaluation with predictions keeps every position's logits
     trainer._logits_to_keep_supported = None
     with torch.no_grad():
         _, outputs = trainer.compute_loss(reft_model, dict(batch), return_outputs=True)
-    assert outputs.logits.shape[1] == seq_len
+    assert outputs.logits.shape[:2] == (4, seq_len)
+
+
+class _PerRowLogitsLlama(type(base_lm())):
+    """A causal LM that reshapes its logits per row after the head (as some remote-code models do)."""
+
+    def forward(self, input_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        out.logits = out.logits.reshape(input_ids.shape[0], -1, out.logits.shape[-1])
+        return out
+
+
+def test_lm_head_gather_falls_back_when_the_model_reshapes_logits(tok, tmp_path):
+    model = _PerRowLogitsLlama(base_lm().config)
+    model.load_state_dict(base_lm().state_dict())
+    reft_model = reft_lm(model)
+    module = data(tok, reft_model)
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, args=args(tmp_path), **module)
+    batch = trainer._prepare_inputs(module["data_collator"]([module["train_dataset"][i] for i in range(4)]))
+    with torch.no_grad():
+        probed = trainer.compute_loss(reft_model, dict(batch))
+        assert trainer._head_on_supervised is False
+        trainer._logits_to_keep_supported = False
+        full = trainer.compute_loss(reft_model, dict(batch))
+    torch.testing.assert_close(probed, full, atol=1e-6, rtol=1e-6)
 
 
 def test_gradient_accumulation_equals_full_batch(tok, tmp_path):

@@ -27,6 +27,13 @@ What they change compared with a plain ``Trainer``:
 * **Weight decay.** Intervention weights (``learned_source.weight``, ``rotate_layer.raw``, …) decay;
   parameters named ``bias`` do not, whatever the intervention or adapter is called.
 
+* **Frozen prefix skipped.** From the second time a batch's examples are seen, the layers below
+  the lowest intervention are not run again: their outputs were recorded the first time
+  (``prefix_cache="auto"``, see :mod:`reftlib.training.prefix_cache`; same loss and gradients, a
+  quarter less time per step for an intervention at the middle layer). ``trainer.prefix_cache``
+  reports hits and misses; ``prefix_cache=False`` turns it off, ``True`` makes an uncacheable
+  model an error.
+
 * **Fresh caches.** After every optimizer step the interventions' no-grad caches (LoReFT's
   orthonormalized rotation) are dropped: the Trainer's default fused AdamW does not bump the
   parameters' version counters, which those caches are keyed on.
@@ -50,10 +57,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..errors import CheckpointError, ReftConfigError
+from ..hooks import _to_device
 from ..interventions.rotation import OrthonormalRows
 from ..model import ReftModel, _innermost_model
 from .classification import ReftModelForSequenceClassification, classification_loss
 from .data import IGNORE_INDEX, ReftDataCollator
+from .prefix_cache import PrefixCache
 
 __all__ = [
     "ReftTrainer",
@@ -133,11 +142,27 @@ class _RefreshCaches(TrainerCallback):
     on_train_end = on_step_end
 
 
+class _ResetPrefixCache(TrainerCallback):
+    """Every ``train()`` starts with an empty prefix cache (the base model may have changed in between)."""
+
+    def __init__(self, cache: PrefixCache) -> None:
+        self.cache = cache
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.cache.reset()
+
+
 class ReftTrainer(Trainer):
     """A ``Trainer`` for :class:`~reftlib.ReftModel` (see the module documentation).
 
     Same arguments as ``transformers.Trainer``; ``tokenizer=`` is accepted as an alias of
     ``processing_class=``. Without ``data_collator`` a :class:`ReftDataCollator` is used.
+
+    ``prefix_cache``: ``"auto"`` (default) skips the frozen layers below the lowest intervention
+    on examples already trained on, when the model allows it (checked; otherwise it logs why and
+    trains normally); ``True`` raises a :class:`~reftlib.errors.ReftConfigError` when it does not;
+    ``False`` never skips. ``prefix_cache_max_bytes`` caps the recorded hidden states (kept on the
+    CPU; default 1 GiB).
     """
 
     def __init__(
@@ -150,8 +175,12 @@ class ReftTrainer(Trainer):
         processing_class: Any = None,
         *,
         tokenizer: Any = None,
+        prefix_cache: bool | str = "auto",
+        prefix_cache_max_bytes: int = 2**30,
         **kwargs: Any,
     ) -> None:
+        if prefix_cache not in (True, False, "auto"):
+            raise ReftConfigError(f"prefix_cache must be 'auto', True or False, got {prefix_cache!r}")
         if tokenizer is not None:
             if processing_class is not None and processing_class is not tokenizer:
                 raise ReftConfigError("pass the tokenizer once, as processing_class= (tokenizer= is its old name)")
@@ -171,6 +200,11 @@ class ReftTrainer(Trainer):
             raise ReftConfigError("reftlib trainers do not support FSDP; interventions are small, use DDP (torchrun)")
         self.add_callback(_RefreshCaches())
         self._flops_per_token: int | None = None
+        #: Recorded hidden states below the interventions (``None`` with ``prefix_cache=False``).
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache is not False:
+            self.prefix_cache = PrefixCache(max_bytes=prefix_cache_max_bytes, required=prefix_cache is True)
+            self.add_callback(_ResetPrefixCache(self.prefix_cache))
 
     #: ``token_level_labels`` of the default collator (``None``: decided from the data).
     _token_level_labels: bool | None = None
@@ -190,6 +224,14 @@ class ReftTrainer(Trainer):
     def reft_model(self) -> ReftModel:
         """The (unwrapped) :class:`~reftlib.ReftModel` being trained."""
         return _unwrap(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+
+    # ------------------------------------------------------------------ training step
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The Trainer's step, skipping the frozen prefix where :attr:`prefix_cache` has the batch's rows."""
+        if self.prefix_cache is None or self.args.torch_compile:
+            return super().training_step(model, inputs, *args, **kwargs)
+        with self.prefix_cache.step(self.reft_model, inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     # ------------------------------------------------------------------ inputs
     def _set_signature_columns_if_needed(self) -> None:
@@ -299,6 +341,8 @@ class ReftTrainerForCausalLM(ReftTrainer):
         self.model_accepts_loss_kwargs = True  # ask the Trainer to count num_items_in_batch
         self._loss_shifts_labels = True  # ... over labels[:, 1:], like HF's causal-LM loss
         self._logits_to_keep_supported: bool | None = None
+        self._head_on_supervised: bool | None = None  # LM head on supervised positions only (None: untried)
+        self._output_head: nn.Module | None = None
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """As :meth:`ReftTrainer._prepare_inputs`, and the labels stay on the CPU too.
@@ -324,10 +368,17 @@ class ReftTrainerForCausalLM(ReftTrainer):
         if keep is not None:
             inputs["logits_to_keep"] = keep
             targets = targets[:, -keep:]
-        outputs = model(**inputs)
+        outputs = None
+        supervised = None if return_outputs else self._supervised_entries(targets)
+        if supervised is not None:
+            outputs = self._forward_with_supervised_logits(model, inputs, supervised)
+            if outputs is not None:
+                targets = targets[supervised]
+        if outputs is None:
+            outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         targets = targets.to(logits.device, non_blocking=True)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+        loss = F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else None
         loss = self._normalize(loss, count, num_items_in_batch)
@@ -350,6 +401,60 @@ class ReftTrainerForCausalLM(ReftTrainer):
         first = int(supervised[0]) if len(supervised) else targets.shape[1] - 1
         keep = targets.shape[1] - first
         return keep if keep < targets.shape[1] else None
+
+    def _supervised_entries(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, columns)`` of the supervised targets, when computing logits only there saves work."""
+        if self._head_on_supervised is False or targets.device.type != "cpu" or targets.dim() != 2:
+            return None
+        mask = targets != IGNORE_INDEX
+        if bool(mask.all()) or not bool(mask.any()):
+            return None
+        return mask.nonzero(as_tuple=True)
+
+    def _forward_with_supervised_logits(self, model: nn.Module, inputs: dict[str, Any],
+                                        supervised: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        """Run ``model`` with its LM head applied to the supervised positions only (logits ``[1, n, vocab]``).
+
+        ``logits_to_keep`` trims the positions every row shares; rows still differ in where their
+        answer starts and ends (padding, prompt lengths), and on short answers half of the kept
+        positions can be padding or prompt. A pre-hook on the output embeddings picks the ``n``
+        supervised hidden states before the vocabulary projection, which is the largest matrix
+        product of a small model. The first call checks that the model hands the head's output
+        back unchanged in shape (``None`` is returned and plain logits are used from then on if it
+        does not, e.g. a model that reshapes its logits per row).
+        """
+        head = _innermost_model(self.reft_model.model).get_output_embeddings() if self._head_on_supervised is None \
+            else self._output_head
+        if not isinstance(head, nn.Module):
+            self._head_on_supervised = False
+            return None
+        self._output_head = head
+        device = next(head.parameters()).device
+        rows, columns = (_to_device(index, device) for index in supervised)
+
+        def pick(module: nn.Module, args: tuple) -> tuple | None:
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+                return None
+            return (args[0][rows, columns].unsqueeze(0), *args[1:])
+
+        handle = head.register_forward_pre_hook(pick)
+        probing = self._head_on_supervised is None
+        try:
+            outputs = model(**inputs)
+        except RuntimeError:
+            if not probing:
+                raise
+            outputs = None
+        finally:
+            handle.remove()
+        logits = None if outputs is None else (outputs["logits"] if isinstance(outputs, dict) else outputs.logits)
+        if logits is None or logits.dim() != 3 or tuple(logits.shape[:2]) != (1, len(supervised[0])):
+            if not probing:
+                raise ReftConfigError(f"the model's logits changed shape between steps ({tuple(logits.shape)})")
+            self._head_on_supervised = False
+            return None
+        self._head_on_supervised = True
+        return outputs
 
     def _accepts_logits_to_keep(self) -> bool:
         if self._logits_to_keep_supported is None:
