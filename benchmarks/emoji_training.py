@@ -20,13 +20,17 @@ Measured in one run, on the same collated batch:
 3. **reftlib's Trainer** (``reftlib.training.ReftTrainerForCausalLM``) for all 100 steps: total
    ``train()`` time, per-step wall time (between consecutive ``on_step_end`` callbacks) and the loss.
 
+``--loss-seeds 42 1 2 3`` instead trains both Trainers to the end from the same pyreft-initialized
+weights for each seed and tabulates the final losses (one 10-example trajectory is noisy; several
+show whether one side ends lower systematically).
+
 Usage::
 
     python benchmarks/emoji_training.py [--epochs 100] [--pyreft-steps 4] [--template tutorial|chat]
-        [--threads N] [--update-docs] [--json FILE]
+        [--loss-seeds S ...] [--threads N] [--update-docs] [--json FILE]
 
-Default run: about 3 minutes on 2 idle CPU cores (``--pyreft-steps 100``, which trains pyreft to
-the end and compares final losses: about 5).
+Default run: about 2 minutes on 2 idle CPU cores (``--pyreft-steps 100``, which trains pyreft to
+the end and compares final losses: about 5; ``--loss-seeds``: about 5 per seed).
 """
 
 from __future__ import annotations
@@ -166,30 +170,6 @@ def raw_step(model, batch: dict[str, Any], pyreft_style: bool):
     return run
 
 
-def supervised_logits_step(model, batch: dict[str, Any]):
-    """Forward + backward computing the LM head only where the loss needs it (``logits_to_keep``).
-
-    This is what ``ReftTrainerForCausalLM`` does in its loss: the logits at position ``t`` predict token ``t + 1``, so positions before the first supervised
-    answer token never enter the loss. Same loss and gradients, less LM-head and softmax work.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    labels = batch["labels"]
-    columns = (labels[:, 1:] != -100).any(dim=0).nonzero()
-    keep = labels.shape[1] - int(columns[0])
-    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:][:, -keep:]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-
-    def run() -> None:
-        logits = model(**inputs, logits_to_keep=keep).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
-                                                 ignore_index=-100)
-        loss.backward()
-        for p in params:
-            p.grad = None
-
-    return run, keep
-
-
 def batch_loss(model, batch: dict[str, Any], pyreft_style: bool) -> float:
     """Mean token loss of ``batch`` (no gradients, interventions as they are)."""
     with torch.no_grad():
@@ -226,8 +206,14 @@ def run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, steps: int, ep
 
 
 def run_reftlib_trainer(base, tokenizer, prompts, answers, epochs: int, seed: int,
-                        initial: tuple[torch.Tensor, dict[str, torch.Tensor]] | None) -> dict[str, Any]:
-    """reftlib's Trainer on the tutorial recipe (from ``initial`` LoReFT weights when given)."""
+                        initial: tuple[torch.Tensor, dict[str, torch.Tensor]] | None, *, max_steps: int = -1,
+                        prefix_cache: bool | str = "auto", head_on_supervised: bool = True) -> dict[str, Any]:
+    """reftlib's Trainer on the tutorial recipe (from ``initial`` LoReFT weights when given).
+
+    ``prefix_cache=False`` and ``head_on_supervised=False`` switch off the Trainer's two shortcuts
+    (skipping the frozen layers on repeated examples, LM head on supervised tokens only) for the
+    ablation.
+    """
     torch.manual_seed(seed)
     reft_model = build_reftlib(copy.deepcopy(base))
     if initial is not None:
@@ -237,8 +223,11 @@ def run_reftlib_trainer(base, tokenizer, prompts, answers, epochs: int, seed: in
     data = make_last_position_supervised_data_module(tokenizer, reft_model.model, prompts, answers)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args(tmp, epochs, seed=seed),
+        trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, prefix_cache=prefix_cache,
+                                         args=training_args(tmp, epochs, max_steps=max_steps, seed=seed),
                                          callbacks=[timer], **data)
+        if not head_on_supervised:
+            trainer._head_on_supervised = False
         start = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - start
@@ -269,13 +258,26 @@ def compare_losses(pyreft, base, tokenizer, prompts, answers, seeds: list[int], 
     return rows
 
 
+def ablation(base, tokenizer, prompts, answers, epochs: int, steps: int, rounds: int = 2) -> dict[str, float]:
+    """Median step time of reftlib's Trainer with each shortcut on or off (``steps`` steps per run, interleaved)."""
+    variants = {"neither": (False, False), "LM head on supervised tokens": (False, True),
+                "prefix cache": ("auto", False), "both (default)": ("auto", True)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(rounds):
+        for name, (cache, head) in variants.items():
+            run = run_reftlib_trainer(base, tokenizer, prompts, answers, epochs, SEED, None, max_steps=steps,
+                                      prefix_cache=cache, head_on_supervised=head)
+            times[name] += run["steps"][2:]  # step 1 records the prefix; step 2 may still warm up
+            log(f"  round {round_index + 1}, {name}: median step {statistics.median(run['steps'][2:]):.3f} s")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def render_loss_seeds(rows: list[dict[str, Any]], epochs: int) -> str:
     """Markdown table of :func:`compare_losses`."""
     table = common.markdown_table(
-        ["seed", "pyreft last-step loss", "reftlib last-step loss", "pyreft eval loss after", "reftlib eval loss after",
-         "pyreft train() s", "reftlib train() s"],
+        ["seed", "pyreft last-step loss", "reftlib last-step loss", "pyreft eval loss after", "reftlib eval loss after"],
         [[r["seed"], f"{r['pyreft']:.4f}", f"{r['reftlib']:.4f}", f"{r['pyreft_after']:.4f}",
-          f"{r['reftlib_after']:.4f}", f"{r['pyreft_s']:.0f}", f"{r['reftlib_s']:.0f}"] for r in rows])
+          f"{r['reftlib_after']:.4f}"] for r in rows])
     mean = {k: statistics.mean(r[k] for r in rows) for k in ("pyreft", "reftlib", "pyreft_after", "reftlib_after")}
     wins = sum(r["reftlib"] <= r["pyreft"] for r in rows)
     return (f"Final loss over {len(rows)} seeds ({epochs} steps each, both Trainers from the same pyreft-initialized "
@@ -298,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-pyreft", action="store_true", help="do not run pyreft even if installed")
     parser.add_argument("--loss-seeds", type=int, nargs="+", default=None,
                         help="only compare final losses of pyreft's and reftlib's Trainers over these seeds")
+    parser.add_argument("--ablation-steps", type=int, default=12,
+                        help="steps per ablation run of the Trainer's shortcuts (0: skip the ablation)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--update-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -355,8 +359,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 1. raw forward + backward, interleaved with pyreft's
     reft_model.train()
     systems = {"reftlib raw": raw_step(reft_model, batch, pyreft_style=False)}
-    systems["reftlib raw, logits_to_keep"], keep = supervised_logits_step(reft_model, batch)
-    tokens["logits_to_keep"] = keep
     pyreft_raw_model = None
     if peers is not None:
         pyreft_raw_model = build_pyreft(peers[0], copy.deepcopy(base))
@@ -364,7 +366,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("raw forward + backward on the collated batch")
     raw = common.interleaved(systems, args.raw_reps, device, warmup=1, log=log)
     results["raw_s"] = {n: raw.median(n) for n in raw.seconds}
-    results["raw_keep_speedup"] = raw.paired_ratio("reftlib raw, logits_to_keep", "reftlib raw")
     results["raw_errors"] = raw.errors
     del pyreft_raw_model
 
@@ -395,11 +396,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     reft_model.eval()
     results["reftlib"] = {"total_s": total, "steps": timer.steps, "losses": losses,
-                          "loss_before": before_loss, "loss_after": batch_loss(reft_model, batch, False)}
+                          "loss_before": before_loss, "loss_after": batch_loss(reft_model, batch, False),
+                          "prefix_cache": {"hits": trainer.prefix_cache.hits, "misses": trainer.prefix_cache.misses}}
     log(f"  {total:.1f} s, median step {statistics.median(timer.steps):.3f} s, loss {losses[0]:.3f} -> "
         f"{losses[-1]:.4f}")
 
-    # 4. pyreft's Trainer (after)
+    # 4. ablation: the Trainer's shortcuts one at a time
+    if args.ablation_steps > 2:
+        log(f"ablation: reftlib Trainer, {args.ablation_steps} steps per variant, 2 rounds")
+        results["ablation"] = ablation(base, tokenizer, prompts, answers, args.epochs, args.ablation_steps)
+
+    # 5. pyreft's Trainer (after)
     if peers is not None and args.pyreft_steps > 0 and not full_pyreft and pyreft_runs:
         log(f"pyreft Trainer again, {args.pyreft_steps} steps")
         with contextlib.suppress(Exception):
@@ -481,14 +488,22 @@ def render(results: dict[str, Any]) -> str:
                          f"{run['loss_after']:.4f}: reftlib's is {verdict}")
     lines.append(f"reftlib's loss on the training batch, eval mode: {r['loss_before']:.3f} before training, "
                  f"{r['loss_after']:.4f} after")
-    kept = results["raw_s"].get("reftlib raw, logits_to_keep")
-    if kept is not None:
-        lines.append(f"raw forward + backward with the LM head on the last {t['logits_to_keep']} of "
-                     f"{t['batch_shape'][1]} positions only (what reftlib's Trainer does; same loss and "
-                     f"gradients): {kept:.3f} s, {common.fmt(results.get('raw_keep_speedup'), '{:.2f}x')} faster "
-                     "than the plain raw step")
+    cache = r.get("prefix_cache")
+    if cache:
+        lines.append(f"reftlib's Trainer step is below the raw forward + backward (plain `reft_model(**batch)` with "
+                     f"full logits) because it computes the LM head on the {t['supervised']} supervised tokens only "
+                     f"and, from the second step on, skips layers 0-{LAYER} (the frozen prefix below the intervention: "
+                     f"{cache['hits']} steps replayed it, {cache['misses']} ran it); same loss and gradients")
     out += [f"* {line}." for line in lines]
     out += [f"* {note}" for note in results.get("notes", [])]
+    ablation_times = results.get("ablation")
+    if ablation_times:
+        slowest = ablation_times["neither"]
+        out += ["", "Where reftlib's Trainer step comes from (median step after the first two, two interleaved "
+                "rounds per variant, same batch):", "",
+                common.markdown_table(["Trainer shortcuts", "median step s", "vs neither"],
+                                      [[name, f"{value:.3f}", f"{value / slowest:.2f}x"]
+                                       for name, value in ablation_times.items()])]
     return "\n".join(out)
 
 

@@ -150,7 +150,7 @@ def test_rotation_cache_invalidated_by_updates():
 
 def test_optimizer_steps_retract_raw_without_changing_r():
     """After each step that updated it, ``raw`` holds R's rows as columns of length 1/2 (R itself unchanged)."""
-    from reftlib.interventions.rotation import INIT_COLUMN_NORM, _orthonormalize
+    from reftlib.interventions.rotation import INIT_COLUMN_NORM, rows_from_raw
 
     trained, frozen, elsewhere = OrthonormalRows(D, R), OrthonormalRows(D, R), OrthonormalRows(D, R)
     frozen_raw, elsewhere_raw = frozen.raw.detach().clone(), elsewhere.raw.detach().clone()
@@ -164,7 +164,7 @@ def test_optimizer_steps_retract_raw_without_changing_r():
         opt.step()
         with torch.no_grad():
             expected = trained.weight.clone()
-            torch.testing.assert_close(expected, _orthonormalize(unretracted), atol=1e-5, rtol=0)
+            torch.testing.assert_close(expected, rows_from_raw(unretracted), atol=1e-5, rtol=0)
         norms = trained.raw.detach().norm(dim=0)
         torch.testing.assert_close(norms, torch.full((R,), INIT_COLUMN_NORM), atol=1e-6, rtol=0)
         gram = trained.raw.detach().T @ trained.raw.detach()
@@ -256,3 +256,21 @@ def test_custom_intervention_by_forward_and_by_edit():
     assert reftlib.registered_interventions()["test_add_vector"] is AddVector
     with pytest.raises(ReftConfigError, match="already registered"):
         reftlib.register_intervention("test_add_vector")(Double)
+
+
+def test_rotation_basis_is_the_signed_hartley_transform():
+    """Saved rotations are coordinates in this basis: it must never change (checked against the formula)."""
+    import math
+
+    from reftlib.interventions.rotation import _signs, raw_from_columns, rows_from_raw
+
+    d = 12
+    signs = _signs(d, torch.device("cpu")).flatten()
+    assert signs.int().tolist() == [1, -1, -1, -1, -1, 1, -1, -1, 1, -1, -1, 1]
+    j = torch.arange(d, dtype=torch.float64)
+    angle = 2 * math.pi * j[:, None] * j[None, :] / d
+    cas = ((torch.cos(angle) + torch.sin(angle)) / math.sqrt(d)).float()  # H[j, k]
+    expected = (cas[:, :3] * signs[:3]).T  # row k of R = s_k * H[:, k]
+    torch.testing.assert_close(rows_from_raw(torch.eye(d)[:, :3] * 0.5), expected, atol=1e-6, rtol=0)
+    columns = torch.linalg.qr(torch.randn(d, 3))[0]
+    torch.testing.assert_close(rows_from_raw(raw_from_columns(columns)), columns.T, atol=1e-6, rtol=0)

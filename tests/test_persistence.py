@@ -40,7 +40,7 @@ def test_roundtrip_identical_outputs_and_config(tmp_path):
     loaded = reftlib.ReftModel.from_pretrained(tmp_path, tiny_model("llama"))
     assert torch.equal(_logits(loaded), reference)
     saved = json.loads((tmp_path / "reft_config.json").read_text())
-    assert saved["format"] == "reftlib" and saved["format_version"] == 1
+    assert saved["format"] == "reftlib" and saved["format_version"] == 2
     first = saved["representations"][0]
     assert first["intervention"] == {
         "type": "loreft", "embed_dim": 32, "dtype": "float32", "dropout": 0.0, "low_rank_dimension": 3, "act_fn": "gelu"
@@ -249,3 +249,26 @@ def test_push_to_hub_uploads_folder_with_model_card(tmp_path):
     assert calls["create"] == ("me/my-reft", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls["files"] == ["README.md", "reft_config.json", "reft_model.safetensors"]
     assert "library_name: reftlib" in calls["card"] and "layer_1_block_output" in calls["card"]
+
+
+def test_format_version_1_rotations_are_converted(tmp_path):
+    """Version 1 stored rotations in the hidden state's basis; reading one gives the same R."""
+    from safetensors.torch import load_file, save_file
+
+    reft_model = _trained()
+    rotation = reft_model.interventions["layer_1_block_output"].rotate_layer.weight.detach().clone()
+    reference = _logits(reft_model)
+    reft_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "reft_config.json").read_text())
+    config["format_version"] = 1
+    tensors = load_file(str(tmp_path / "reft_model.safetensors"))
+    key = "layer_1_block_output.rotate_layer.raw"
+    assert not torch.allclose(tensors[key] / tensors[key].norm(dim=0), rotation.T, atol=1e-3)  # really another basis
+    tensors[key] = (rotation.T * 0.7).contiguous()  # what version 1 wrote: R's rows as columns (any length)
+    text = json.dumps(config)
+    save_file(tensors, str(tmp_path / "reft_model.safetensors"), metadata={"format": "pt", "reftlib_config": text})
+    (tmp_path / "reft_config.json").write_text(text)
+    loaded = reftlib.ReftModel.from_pretrained(tmp_path, tiny_model("llama"))
+    torch.testing.assert_close(loaded.interventions["layer_1_block_output"].rotate_layer.weight, rotation,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(loaded), reference, atol=1e-5, rtol=1e-5)

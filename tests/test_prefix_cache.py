@@ -173,3 +173,15 @@ def test_prefix_cache_argument_is_validated(tok, tmp_path):
         ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, prefix_cache="yes", args=args(tmp_path))
     trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tok, prefix_cache=False, args=args(tmp_path))
     assert trainer.prefix_cache is None
+
+
+def test_only_rebuildable_layer_outputs_are_cached():
+    from reftlib.training.prefix_cache import PrefixUnavailable, _template
+
+    hidden = torch.zeros(2, 5, 8)
+    assert _template(hidden, [(), ()], 5)[1] is hidden
+    assert _template((hidden, None), [(), ()], 5)[0][-1] == (None,)
+    with pytest.raises(PrefixUnavailable, match="more than hidden states"):
+        _template((hidden, torch.zeros(2, 4, 5, 5)), [(), ()], 5)  # e.g. T5's position bias
+    with pytest.raises(PrefixUnavailable, match=r"\[batch, seq, hidden\]"):
+        _template(hidden.transpose(0, 1), [(), ()], 5)  # sequence-first layouts

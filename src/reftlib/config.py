@@ -32,7 +32,9 @@ COMPONENTS = (
 )
 
 FORMAT_NAME = "reftlib"
-FORMAT_VERSION = 1
+#: 2: rotations (``*.rotate_layer.raw``) are stored in the mixed basis of
+#: :mod:`reftlib.interventions.rotation`; version-1 files (hidden-state basis) are converted on reading.
+FORMAT_VERSION = 2
 
 _REPRESENTATION_KEYS = {
     "layer", "component", "low_rank_dimension", "intervention", "intervention_type", "intervention_kwargs",

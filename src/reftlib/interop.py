@@ -45,6 +45,7 @@ from torch import nn
 from .config import COMPONENTS, FORMAT_NAME, FORMAT_VERSION, ReftConfig
 from .errors import CheckpointError, ReftConfigError
 from .interventions.base import dtype_from_name, dtype_name
+from .interventions.rotation import raw_from_columns
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ def _convert(type_name: str, state: dict[str, torch.Tensor], where: Path) -> tup
         rotation = _rotation(state, where)
         _check_orthonormal(rotation, where)
         used |= {_ROTATION_PREFIX, "rotate_layer.weight", *_PARAMETRIZED}
-        params["rotate_layer.raw"] = rotation
+        params["rotate_layer.raw"] = raw_from_columns(rotation)  # reftlib's basis (format version 2)
         embed_dim, rank = rotation.shape
     if type_name in ("loreft", "direft"):
         prefix = "" if type_name == "loreft" and "weight" in state else "learned_source."

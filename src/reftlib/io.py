@@ -197,7 +197,23 @@ def read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"the config of {directory} is not valid JSON ({exc})") from exc
-    return config, tensors
+    return config, upgrade_tensors(config, tensors)
+
+
+def upgrade_tensors(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of an older format version, rewritten as the current version stores them.
+
+    Version 1 kept LoReFT-style rotations (``*.rotate_layer.raw``) in the hidden state's own basis;
+    version 2 keeps them in the mixed basis the optimizer works in (see
+    :mod:`reftlib.interventions.rotation`). R itself is unchanged (up to fp32 rounding).
+    """
+    version = config.get("format_version", 1) if isinstance(config, Mapping) else 1
+    if not isinstance(version, int) or version >= 2:
+        return tensors
+    from .interventions.rotation import raw_from_columns
+
+    return {key: (raw_from_columns(value).to(value.dtype) if key.endswith("rotate_layer.raw") and value.dim() == 2
+                  else value) for key, value in tensors.items()}
 
 
 def _attach(reft_model: ReftModel, adapter_name: str, config_dict: dict[str, Any],

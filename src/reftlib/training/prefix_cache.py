@@ -85,6 +85,7 @@ class PrefixCache:
         self.disabled: str | None = None
         self._context: tuple | None = None  # (boundary, autocast state, output template) the rows belong to
         self._checked: set[int] = set()  # boundaries whose prefix modules passed the static checks
+        self._full_logged = False
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
@@ -105,7 +106,7 @@ class PrefixCache:
                 yield
             return
         self.misses += 1
-        with self._recording(reft_model, layers, boundary, keys, spans, context):
+        with self._recording(reft_model, layers, boundary, keys, spans, context, inputs["input_ids"].shape[1]):
             yield
 
     # ------------------------------------------------------------------ planning
@@ -161,7 +162,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
-    def _recording(self, reft_model, layers, boundary, keys, spans, context) -> Iterator[None]:
+    def _recording(self, reft_model, layers, boundary, keys, spans, context, length: int) -> Iterator[None]:
         last = layers[boundary - 1]
         rng_before = _rng_states()
         captured: dict[str, Any] = {}
@@ -184,7 +185,7 @@ class PrefixCache:
             if captured["rng_changed"]:
                 raise PrefixUnavailable("the layers below the interventions draw random numbers in training "
                                         "(dropout or router noise)")
-            template = _template(captured["output"], keys, spans)
+            template = _template(captured["output"], keys, length)
         except PrefixUnavailable as reason:
             self._disable(str(reason))
             return
@@ -221,7 +222,7 @@ class PrefixCache:
                 continue
             size = (end - start) * rows.shape[-1] * rows.element_size()
             if self.bytes + size > self.max_bytes:
-                if not getattr(self, "_full_logged", False):
+                if not self._full_logged:
                     logger.info("prefix cache full (%.0f MiB); later examples run the whole model",
                                 self.bytes / 2**20)
                     self._full_logged = True
@@ -290,7 +291,7 @@ def _row_keys(inputs: Mapping[str, Any]) -> tuple[list[tuple], list[tuple[int, i
     return keys, spans
 
 
-def _template(output: Any, keys: list[tuple], spans: list[tuple[int, int]]) -> tuple[tuple, torch.Tensor]:
+def _template(output: Any, keys: list[tuple], length: int) -> tuple[tuple, torch.Tensor]:
     """``((dtype, device, width, requires_grad, tail), hidden)`` for a layer output, if it can be rebuilt."""
     tail = None
     hidden = output
@@ -298,10 +299,9 @@ def _template(output: Any, keys: list[tuple], spans: list[tuple[int, int]]) -> t
         if any(item is not None for item in output[1:]):
             raise PrefixUnavailable("the layers return more than hidden states (e.g. a position bias or a cache)")
         hidden, tail = output[0], tuple(output[1:])
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != len(keys) or (
-        hidden.shape[1] < max(end for _, end in spans)
-    ):
-        raise PrefixUnavailable(f"a layer output of type {type(output).__name__} is not [batch, seq, hidden]")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (len(keys), length):
+        raise PrefixUnavailable(f"a layer output of type {type(output).__name__} is not [batch, seq, hidden] for "
+                                f"the batch's {len(keys)} x {length} input ids")
     return (hidden.dtype, hidden.device, hidden.shape[-1], hidden.requires_grad, tail), hidden
 
 
