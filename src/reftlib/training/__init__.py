@@ -31,6 +31,7 @@ from .data import (
     make_multiple_position_supervised_data_module,
     make_supervised_examples,
 )
+from .prefix_cache import PrefixCache
 from .trainer import (
     ReftTrainer,
     ReftTrainerForCausalLM,
@@ -41,6 +42,7 @@ from .trainer import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "PrefixCache",
     "ReftClassificationHead",
     "ReftDataCollator",
     "ReftModelForSequenceClassification",
