@@ -74,7 +74,7 @@ def test_cached_training_equals_uncached(tok, tmp_path, component, padding_side,
 
 
 def test_boundary_is_the_lowest_intervened_layer():
-    boundary = PrefixCache._boundary
+    boundary = PrefixCache()._boundary
     assert boundary(reft_at(base_lm(), (2, "block_output")))[1] == 3  # layer 2 too: the hook edits its output
     assert boundary(reft_at(base_lm(), (2, "attention_output")))[1] == 2
     assert boundary(reft_at(base_lm(), (2, "block_input")))[1] == 2

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 #: Inputs a cacheable step may carry besides ``input_ids``/``attention_mask``: per-token inputs that
 #: feed the prefix (part of the row key) and inputs the prefix never reads.
 _PER_TOKEN_INPUTS = ("position_ids", "token_type_ids")
-_PREFIX_INDEPENDENT = ("labels", "intervention_locations", "logits_to_keep", "use_cache", "subspaces")
+_PREFIX_INDEPENDENT = ("labels", "intervention_locations", "logits_to_keep", "subspaces")
 _MISSING = object()
 
 
@@ -86,6 +86,7 @@ class PrefixCache:
         self._context: tuple | None = None  # (boundary, autocast state, output template) the rows belong to
         self._checked: set[int] = set()  # boundaries whose prefix modules passed the static checks
         self._full_logged = False
+        self._layers: tuple[nn.Module, nn.ModuleList] | None = None  # (base model, its layer list)
 
     # ------------------------------------------------------------------ the step
     @contextlib.contextmanager
@@ -124,12 +125,13 @@ class PrefixCache:
         keys, spans = keyed
         return layers, boundary, keys, spans, (boundary, _autocast_state())
 
-    @staticmethod
-    def _boundary(reft_model: nn.Module) -> tuple[nn.ModuleList, int]:
+    def _boundary(self, reft_model: nn.Module) -> tuple[nn.ModuleList, int]:
         """The layer list and how many of its layers can be skipped (0: none)."""
         if getattr(reft_model.config, "output_router_logits", False):
             raise PrefixUnavailable("the model returns router logits of every layer (output_router_logits=True)")
-        _, layers = find_layers(reft_model.model)
+        if self._layers is None or self._layers[0] is not reft_model.model:
+            self._layers = (reft_model.model, find_layers(reft_model.model)[1])
+        layers = self._layers[1]
         index = {id(layer): i for i, layer in enumerate(layers)}
         active = set(reft_model.active_adapters)
         lowest, output_only = None, True
