@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_training import OUTPUTS, PROMPTS, args, assert_states_close, base_lm, intervention_state
-from tiny_models import tiny_model
+from tiny_models import CAUSAL_FAMILIES, tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
 import reftlib
@@ -185,3 +185,42 @@ def test_only_rebuildable_layer_outputs_are_cached():
         _template((hidden, torch.zeros(2, 4, 5, 5)), [(), ()], 5)  # e.g. T5's position bias
     with pytest.raises(PrefixUnavailable, match=r"\[batch, seq, hidden\]"):
         _template(hidden.transpose(0, 1), [(), ()], 5)  # sequence-first layouts
+
+
+def without_dropout(model):
+    """Dropout probabilities set to 0 (modules and float attributes), so training steps draw no random numbers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model
+
+
+#: Families whose decoder layers return ``(hidden, attention weights)`` even when nobody asked for the weights.
+RETURNS_ATTENTION_WEIGHTS = {"falcon"}
+
+
+@pytest.mark.parametrize("family", CAUSAL_FAMILIES)
+def test_cached_training_equals_uncached_on_every_architecture(family, tmp_path):
+    """Every causal family: the cache replays the frozen layers (hits) and training is unchanged."""
+    family_tok = tiny_tokenizer("gpt2" if family in ("gpt2", "gptj", "gpt_neox", "opt", "falcon") else "llama")
+
+    def model():
+        base = without_dropout(tiny_model(family))
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = 0
+        return base
+
+    runs = {cache: train(family_tok, reft_at(model(), (1, "block_output"), (2, "attention_output")), tmp_path, cache,
+                         steps=9)
+            for cache in (False, "auto")}
+    trainer, losses, state = runs["auto"]
+    if family in RETURNS_ATTENTION_WEIGHTS:  # an extra tensor the cache cannot rebuild: every step runs the model
+        assert "more than hidden states" in trainer.prefix_cache.disabled and trainer.prefix_cache.hits == 0
+    else:
+        assert trainer.prefix_cache.disabled is None, trainer.prefix_cache.disabled
+        assert trainer.prefix_cache.hits >= 5, trainer.prefix_cache
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs[False][1]), atol=1e-5, rtol=1e-5)
+    assert_states_close(state, runs[False][2], atol=1e-5)
