@@ -7,6 +7,12 @@ intervention, reloads it into a fresh model and checks the greedy answers are id
 
     python examples/emoji_chatbot.py              # the full demo (~100 steps)
     python examples/emoji_chatbot.py --epochs 30  # quicker
+
+The learning rate is 1e-2, not the 4e-3 of pyreft's emoji tutorial: on this 135M model with its
+chat template, 4e-3 fits the ten answers (final loss 0.2-0.3) but steers few unseen prompts
+(1-2 of 12 answered in emoji only, seeds 42 and 1), while 1e-2 reaches a loss of about 0.03 and
+answers 4-6 of 12 in emoji only, 8 of 12 starting with emoji. A 135M model drifts out of emoji
+after a few symbols on the others.
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def answer(reft_model: reftlib.ReftModel, tokenizer, questions: list[str], *, st
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def run(epochs: int = 100, layer: int = 15, rank: int = 4, lr: float = 4e-3, max_new_tokens: int = 24,
+def run(epochs: int = 100, layer: int = 15, rank: int = 4, lr: float = 1e-2, max_new_tokens: int = 24,
         unseen: list[str] | None = None, output_dir: str | None = None, seed: int = 42, verbose: bool = True) -> DemoResult:
     """Train the emoji intervention and evaluate it; returns the numbers the demo prints."""
     torch.manual_seed(seed)
@@ -170,7 +176,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100, help="training steps (one batch of 10 per epoch)")
     parser.add_argument("--layer", type=int, default=15, help="layer whose output is intervened on")
     parser.add_argument("--rank", type=int, default=4, help="LoReFT rank")
-    parser.add_argument("--lr", type=float, default=4e-3, help="learning rate")
+    parser.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (linear decay)")
     parser.add_argument("--output-dir", default=None, help="where to save the trained intervention (optional)")
     args = parser.parse_args()
     result = run(epochs=args.epochs, layer=args.layer, rank=args.rank, lr=args.lr, output_dir=args.output_dir)
