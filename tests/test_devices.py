@@ -1,7 +1,7 @@
 """reftlib on every available device: forward, generation, training, bf16 and persistence.
 
 Each test runs once per device in ``REFTLIB_TEST_DEVICES`` (comma-separated; default: ``cpu``, plus
-``cuda`` when a GPU is visible). On the CPU the reference comparisons are exact; on a GPU they
+``cuda`` when a GPU is visible). On the CPU the comparisons with a CPU reference are trivial; on a GPU they
 check the device paths the other suites never take (they pin ``use_cpu=True``): positions
 copied from pinned host memory without blocking, the Trainer placing the model itself, CUDA
 bf16 kernels, checkpoints written from GPU tensors. On a GPU machine: ``pytest tests/test_devices.py``.
@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 from helpers import randomize
+from test_generation import GEN, PROMPTS
+from test_generation import _left_pad as _left_pad_cpu
 from test_prefix_cache import reft_at, train, without_dropout
 from tiny_models import tiny_model
 from tiny_tokenizer import tiny_tokenizer
@@ -34,16 +36,8 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
-PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
-PAD = 0
-GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=PAD)
-
-
 def _left_pad(prompts, device):
-    width = max(map(len, prompts))
-    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
+    return tuple(tensor.to(device) for tensor in _left_pad_cpu(prompts))
 
 
 def _reft(seed: int = 0) -> reftlib.ReftModel:
