@@ -2,7 +2,8 @@
 
 Each test runs once per device in ``REFTLIB_TEST_DEVICES`` (comma-separated; default: ``cpu``, plus
 ``cuda`` when a GPU is visible). On the CPU the comparisons with a CPU reference are trivial; on a GPU they
-check the device paths the other suites never take (they pin ``use_cpu=True``): positions
+check the device paths the other suites never take (they run on the CPU; the Trainer tests pin
+``use_cpu=True``): positions
 copied from pinned host memory without blocking, the Trainer placing the model itself, CUDA
 bf16 kernels, checkpoints written from GPU tensors. On a GPU machine: ``pytest tests/test_devices.py``.
 """
@@ -33,7 +34,10 @@ def _devices() -> list[str]:
 
 @pytest.fixture(params=_devices())
 def device(request) -> torch.device:
-    return torch.device(request.param)
+    chosen = torch.device(request.param)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail("REFTLIB_TEST_DEVICES asks for cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+    return chosen
 
 
 def _left_pad(prompts, device):
