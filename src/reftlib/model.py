@@ -25,13 +25,14 @@ from .positions import normalize_unit_locations
 
 DEFAULT_ADAPTER = "default"
 
-_GENERATION_MODES = {
+GENERATION_MODES = {
     "auto": (True, True),  # generated tokens: only interventions whose positions are "every position"
     "prompt": (True, False),
     "generated": (False, True),
     "prompt+generated": (True, True),
     "all": (True, True),
 }
+_GENERATION_MODES = GENERATION_MODES  # old private name, kept for code written against 0.1
 
 
 def _tensor_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -584,9 +585,9 @@ class ReftModel(nn.Module):
             raise InputError("reftlib interventions take no source inputs (interchange interventions are not supported)")
         if mode is None:
             mode = "auto" if intervene_on_prompt else "generated"
-        if mode not in _GENERATION_MODES:
-            raise ReftConfigError(f"unknown generation mode {mode!r}; use one of {list(_GENERATION_MODES)}")
-        on_prompt, on_generated = _GENERATION_MODES[mode]
+        if mode not in GENERATION_MODES:
+            raise ReftConfigError(f"unknown generation mode {mode!r}; use one of {list(GENERATION_MODES)}")
+        on_prompt, on_generated = GENERATION_MODES[mode]
         pyreft_style = base is not None
         inputs = _tensor_inputs(base) if pyreft_style else {}
         for name in ("input_ids", "attention_mask", "inputs_embeds"):
