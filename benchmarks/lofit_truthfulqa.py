@@ -11,8 +11,8 @@ there, never on test).
 * **LoFiT**: :func:`reftlib.lofit.select_heads` (scales on all 270 heads, L1) once, then
   :func:`reftlib.lofit.tune_offsets` on the top 3 % (8) and top 10 % (27) heads of that ranking.
 * **LoReFT**: rank 4 at ``block_output`` of a middle layer (15 of 30), last prompt token, trained
-  with :class:`reftlib.lofit.ReftDPOTrainer`. For scoring, the intervention is placed on the last
-  token of the ``"\\nA:"`` that ends each prompt (the answer follows it).
+  with :class:`reftlib.lofit.ReftDPOTrainer`. ``truthfulqa_mc`` places its ``"l1"`` intervention on
+  the last prompt token of every scored ``prompt + answer`` sequence, as in training.
 * **LoRA**: PEFT ``r=8, alpha=16`` on ``q_proj``/``v_proj``, trained with
   :class:`reftlib.lofit.AdapterDPOTrainer` (the same loss, collator and reference handling).
 
@@ -78,35 +78,6 @@ def preference_pairs(rows, seed: int) -> list[tuple[str, str, str]]:
 
 
 # --------------------------------------------------------------------------- evaluation helpers
-class PromptEndIntervention(nn.Module):
-    """Score a LoReFT model with its intervention on the last prompt token of each sequence.
-
-    ``truthfulqa_mc`` scores ``prompt + answer`` sequences with a plain ``model(input_ids=...,
-    attention_mask=...)`` call; a position-restricted intervention needs to know where the prompt
-    ends. Every TruthfulQA prompt ends with ``"\\nA:"``, so its last token is found as the end of
-    the first occurrence of those token ids.
-    """
-
-    def __init__(self, reft_model: reftlib.ReftModel, tokenizer) -> None:
-        super().__init__()
-        self.reft_model = reft_model
-        self.marker = tokenizer("Q: x\nA:", add_special_tokens=False)["input_ids"][-3:]  # "\n", "A", ":"
-
-    @property
-    def device(self) -> torch.device:
-        return self.reft_model.device
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        marker = torch.tensor(self.marker, device=input_ids.device)
-        windows = input_ids.unfold(1, len(self.marker), 1)  # [B, T - m + 1, m]
-        hits = (windows == marker).all(dim=-1)
-        if not bool(hits.any(dim=1).all()):
-            raise RuntimeError("a scored sequence does not contain the prompt end marker '\\nA:'")
-        last = hits.float().argmax(dim=1) + len(self.marker) - 1
-        return self.reft_model(input_ids=input_ids, attention_mask=attention_mask,
-                               unit_locations=last.unsqueeze(1).cpu())
-
-
 def head_dim(model: nn.Module) -> int:
     config = model.config
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -208,7 +179,7 @@ def run_loreft(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
     train(ReftDPOTrainer, reft_model, tokenizer, module, cfg, settings, quiet)
     train_s = time.perf_counter() - start
     reft_model.eval()
-    scores = evaluate(PromptEndIntervention(reft_model, tokenizer), tokenizer, rows)
+    scores = evaluate(reft_model, tokenizer, rows)
     return {"method": f"LoReFT (rank {cfg['rank']}, layer {cfg['layer']}, last prompt token)",
             "params": reft_model.count_parameters(), "train_s": train_s, **scores}
 

@@ -5,6 +5,7 @@ the prompt/answer boundary."""
 
 from __future__ import annotations
 
+import copy
 import math
 import string
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, processors
 
-from reftlib.errors import ReftConfigError, ReftError
+import reftlib
+from reftlib.errors import InputError, PositionError, ReftConfigError, ReftError
 from reftlib.evaluation import (
     TruthfulQAExample,
     answer_logprobs,
@@ -80,12 +82,25 @@ def llama() -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module")
+def llama64(llama: transformers.LlamaForCausalLM) -> transformers.LlamaForCausalLM:
+    """A float64 copy of ``llama``. Comparisons of two computation paths (batched vs unbatched, library
+    vs manual) run on it: float64 rounding (~1e-16 relative) keeps their differences near 1e-13 on
+    sums of ~100 log-probs, so the tolerance below (``TIGHT``) is far from any kernel-order noise and
+    still catches a wrong token, mask or position (which change a log-prob by far more)."""
+    return copy.deepcopy(llama).double()
+
+
+TIGHT = 1e-9  # absolute, for float64 results of magnitude <= ~1e3: 1e3 * 2.2e-16 * (#ops) << 1e-9
+
+
 class FixedDistributionModel:
     """Predicts the same next-token distribution at every position, whatever the input: the log-prob
-    of an answer is then the sum of the designed log-probs of its tokens."""
+    of an answer is then the sum of the designed log-probs of its tokens. Logits are float64 so the
+    scores match closed-form values up to float64 rounding."""
 
     def __init__(self, probs: dict[int, float]) -> None:
-        self.logits = torch.full((VOCAB_SIZE,), -1e4)
+        self.logits = torch.full((VOCAB_SIZE,), -1e4, dtype=torch.float64)
         for tid, p in probs.items():
             self.logits[tid] = math.log(p)
 
@@ -116,12 +131,13 @@ class ScriptedGenerator:
         return torch.cat([input_ids, tail], dim=1)
 
 
-def manual_logprob(model: Any, prompt_ids: list[int], answer_ids: list[int]) -> float:
-    """Log-prob of ``answer_ids`` after ``prompt_ids``, from one unpadded forward pass."""
+def manual_logprob(model: Any, prompt_ids: list[int], answer_ids: list[int], **model_kwargs: Any) -> float:
+    """Log-prob of ``answer_ids`` after ``prompt_ids``, from one unpadded forward pass (in float64 when
+    the model is; ``model_kwargs`` such as ``unit_locations`` go to the model)."""
     ids = torch.tensor([prompt_ids + answer_ids])
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **model_kwargs).logits[0]
+    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     n = len(prompt_ids)
     return sum(float(logprobs[n - 1 + j, tid]) for j, tid in enumerate(answer_ids))
 
@@ -148,29 +164,42 @@ def test_tokenizer_merges_across_boundary(tokenizer: Any) -> None:
     assert joint[: len(p_ids)] != p_ids
 
 
-def test_logprobs_batched_equal_unbatched(llama: Any, tokenizer: Any) -> None:
-    single = answer_logprobs(llama, tokenizer, PROMPTS, ANSWERS, batch_size=1, progress=False)
+def answer_ids(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, answer_ids)`` as the scoring sees them (see ``_encode_pair``)."""
+    p_ids = tokenizer(prompt)["input_ids"]
+    joint = tokenizer(prompt + answer)["input_ids"]
+    if joint[: len(p_ids)] == p_ids:  # no merge: the answer tokens are the joint continuation
+        return p_ids, joint[len(p_ids) :]
+    # merge across the boundary: prompt and answer encoded separately
+    return p_ids, tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def test_logprobs_batched_equal_unbatched(llama64: Any, tokenizer: Any) -> None:
+    single = answer_logprobs(llama64, tokenizer, PROMPTS, ANSWERS, batch_size=1, progress=False)
     for bs in (2, 3, 16):
-        batched = answer_logprobs(llama, tokenizer, PROMPTS, ANSWERS, batch_size=bs, progress=False)
-        assert batched == pytest.approx(single, abs=1e-4)
+        batched = answer_logprobs(llama64, tokenizer, PROMPTS, ANSWERS, batch_size=bs, progress=False)
+        assert batched == pytest.approx(single, rel=0, abs=TIGHT)
     assert all(lp < 0 for lp in single)
 
 
 @pytest.mark.parametrize("k", range(len(PROMPTS)))
-def test_logprob_matches_manual_computation(llama: Any, tokenizer: Any, k: int) -> None:
+def test_logprob_matches_manual_computation(llama64: Any, tokenizer: Any, k: int) -> None:
     prompt, answer = PROMPTS[k], ANSWERS[k]
-    p_ids = tokenizer(prompt)["input_ids"]
-    joint = tokenizer(prompt + answer)["input_ids"]
-    if joint[: len(p_ids)] == p_ids:  # no merge: the answer tokens are the joint continuation
-        a_ids = joint[len(p_ids) :]
-    else:  # merge across the boundary: prompt and answer encoded separately
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    expected = manual_logprob(llama, p_ids, a_ids)
-    got = answer_logprobs(llama, tokenizer, [prompt], [answer], progress=False)[0]
-    assert got == pytest.approx(expected, abs=1e-5)
+    expected = manual_logprob(llama64, *answer_ids(tokenizer, prompt, answer))
+    got = answer_logprobs(llama64, tokenizer, [prompt], [answer], progress=False)[0]
+    assert got == pytest.approx(expected, rel=0, abs=TIGHT)
 
 
-def test_logprobs_mask_not_built_from_pad_id(llama: Any) -> None:
+def test_logprob_float32_model_close_to_float64(llama: Any, llama64: Any, tokenizer: Any) -> None:
+    """The float32 model scores in float32; it agrees with its float64 copy to fp32 accuracy. Bound: each
+    of the n answer log-probs carries a float32 rounding error of a few ulp of the logits' scale (a
+    log-sum-exp over 128 logits after 2 layers); 1e-4 relative to the sum is ~1000 float32 ulp."""
+    got32 = answer_logprobs(llama, tokenizer, PROMPTS, ANSWERS, batch_size=2, progress=False)
+    got64 = answer_logprobs(llama64, tokenizer, PROMPTS, ANSWERS, batch_size=2, progress=False)
+    assert got32 == pytest.approx(got64, rel=1e-4, abs=0)
+
+
+def test_logprobs_mask_not_built_from_pad_id(llama64: Any) -> None:
     """With pad == EOS and an EOS inside the answer, the EOS must stay visible to the later tokens (a
     mask built from ``input_ids != pad_id`` would hide it and change their log-probs)."""
     tok = make_tokenizer()
@@ -178,10 +207,10 @@ def test_logprobs_mask_not_built_from_pad_id(llama: Any) -> None:
     prompt, answer = "Q: Yes?\nA:", " yes</s> and more"
     a_ids = tok(answer, add_special_tokens=False)["input_ids"]
     assert tok.pad_token_id in a_ids[:-1]  # later answer tokens attend to it
-    expected = manual_logprob(llama, tok(prompt)["input_ids"], a_ids)
+    expected = manual_logprob(llama64, tok(prompt)["input_ids"], a_ids)
     prompts, answers = [prompt, "Q: A much longer question, to force padding?\nA:"], [answer, " no"]
-    got = answer_logprobs(llama, tok, prompts, answers, batch_size=2, progress=False)
-    assert got[0] == pytest.approx(expected, abs=1e-4)
+    got = answer_logprobs(llama64, tok, prompts, answers, batch_size=2, progress=False)
+    assert got[0] == pytest.approx(expected, rel=0, abs=TIGHT)
 
 
 def test_logprobs_rejects_bad_inputs(llama: Any, tokenizer: Any) -> None:
@@ -211,19 +240,20 @@ MC_ROWS = [
 
 
 def test_truthfulqa_mc_exact_values(tokenizer: Any) -> None:
+    # float64 logits: the scores equal the closed forms up to float64 rounding (< 1e-15 here)
     model = designed_model(tokenizer)
     lps = answer_logprobs(model, tokenizer, ["Q: q\nA:"] * 2, [" A", " D"], progress=False)
-    assert lps == pytest.approx([math.log(0.1), math.log(0.025)], abs=1e-5)
+    assert lps == pytest.approx([math.log(0.1), math.log(0.025)], rel=0, abs=TIGHT)
 
     out = truthfulqa_mc(model, tokenizer, MC_ROWS, batch_size=3, details=True, progress=False)
     assert out["n"] == 2
     assert out["mc1"] == 0.5
-    assert out["mc2"] == pytest.approx((0.7 + 0.1 / 0.35) / 2, abs=1e-6)
+    assert out["mc2"] == pytest.approx((0.7 + 0.1 / 0.35) / 2, rel=0, abs=TIGHT)
     first, second = out["details"]
     assert (first["mc1"], second["mc1"]) == (1.0, 0.0)
-    assert first["mc2"] == pytest.approx(0.7, abs=1e-6)
-    assert second["mc2"] == pytest.approx(0.1 / 0.35, abs=1e-6)
-    assert second["best_logprob"] == pytest.approx(math.log(0.05), abs=1e-5)
+    assert first["mc2"] == pytest.approx(0.7, rel=0, abs=TIGHT)
+    assert second["mc2"] == pytest.approx(0.1 / 0.35, rel=0, abs=TIGHT)
+    assert second["best_logprob"] == pytest.approx(math.log(0.05), rel=0, abs=TIGHT)
     assert len(second["correct_logprobs"]) == 1 and len(second["incorrect_logprobs"]) == 2
     assert "details" not in truthfulqa_mc(model, tokenizer, MC_ROWS, progress=False)
 
@@ -233,7 +263,7 @@ def test_truthfulqa_mc1_tie_counts_as_wrong(tokenizer: Any) -> None:
         designed_model(tokenizer), tokenizer, [TruthfulQAExample("q?", "A", ["A"], ["A"])], progress=False
     )
     assert out["mc1"] == 0.0
-    assert out["mc2"] == pytest.approx(0.5, abs=1e-6)
+    assert out["mc2"] == pytest.approx(0.5, rel=0, abs=TIGHT)  # the same answer on both sides: exactly 1/2
 
 
 def test_truthfulqa_mc_on_tiny_llama_in_range(llama: Any, tokenizer: Any) -> None:
@@ -313,6 +343,202 @@ def test_exact_match_tiny_llama_batched_equals_unbatched(llama: Any, tokenizer: 
         llama, tokenizer, prompts, refs, max_new_tokens=6, batch_size=5, progress=False
     )
     assert batched["predictions"] == single["predictions"]
+    assert tokenizer.padding_side == "right"
+
+
+# --------------------------------------------------------------------------------------------------
+# interventions act relative to the prompt
+# --------------------------------------------------------------------------------------------------
+def loreft_model(llama: Any, specs: list[tuple[int, str | None]]) -> reftlib.ReftModel:
+    """A float64 ReftModel on a copy of ``llama`` with one rank-2 LoReFT per ``(layer, positions)``;
+    its parameters are redrawn so that each intervention clearly changes the hidden states."""
+    reft_model = reftlib.get_reft_model(
+        copy.deepcopy(llama),
+        reftlib.ReftConfig(
+            [
+                {"layer": layer, "component": "block_output", "positions": positions,
+                 "intervention": reftlib.LoreftIntervention(low_rank_dimension=2)}
+                for layer, positions in specs
+            ]
+        ),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in reft_model.adapters.parameters():
+            param.normal_(0.0, 3.0)
+    return reft_model.double().eval()
+
+
+def keys_of(reft_model: reftlib.ReftModel) -> list[str]:
+    return [rep.name for rep in reft_model.reft_config.representations]
+
+
+def first_last(n: int, n_first: int, n_last: int) -> list[int]:
+    """Positions of the first ``n_first`` and last ``n_last`` of ``n`` tokens, each once."""
+    return sorted(set(range(min(n_first, n))) | set(range(max(0, n - n_last), n)))
+
+
+def test_loreft_l1_acts_on_last_prompt_token(llama: Any, llama64: Any, tokenizer: Any) -> None:
+    """A LoReFT adapter at "l1" is applied to the last *prompt* token of each scored sequence: the score
+    equals a manual forward with the intervention placed there explicitly, batched with right padding.
+    Placed on the last *answer* token instead (what a plain forward over prompt + answer does), it could
+    not change any scored log-prob: that score is the base model's, and differs."""
+    reft_model = loreft_model(llama, [(1, "l1")])
+    got = answer_logprobs(reft_model, tokenizer, PROMPTS, ANSWERS, batch_size=3, progress=False)
+    for k, (prompt, answer) in enumerate(zip(PROMPTS, ANSWERS)):
+        p_ids, a_ids = answer_ids(tokenizer, prompt, answer)
+        at_prompt_end = manual_logprob(reft_model, p_ids, a_ids, unit_locations=[[len(p_ids) - 1]])
+        at_answer_end = manual_logprob(reft_model, p_ids, a_ids, unit_locations=[[len(p_ids) + len(a_ids) - 1]])
+        base = manual_logprob(llama64, p_ids, a_ids)
+        assert got[k] == pytest.approx(at_prompt_end, rel=0, abs=TIGHT), k
+        assert at_answer_end == pytest.approx(base, rel=0, abs=TIGHT)  # the trap: no effect on the score
+        assert abs(got[k] - at_answer_end) > 1e-3, k
+    # the same with the intervention named explicitly: a spec or prompt-token indices
+    assert answer_logprobs(reft_model, tokenizer, PROMPTS, ANSWERS, progress=False, unit_locations="l1") == got
+    last = [[len(answer_ids(tokenizer, p, a)[0]) - 1] for p, a in zip(PROMPTS, ANSWERS)]
+    assert answer_logprobs(reft_model, tokenizer, PROMPTS, ANSWERS, progress=False, unit_locations=last) == got
+
+
+def test_first_last_spec_and_every_position_intervention(llama: Any, tokenizer: Any) -> None:
+    """"f3+l3" lands on the first and last three prompt tokens (each once for short prompts), while an
+    intervention on every position (positions=None) still acts on every token, answer included."""
+    reft_model = loreft_model(llama, [(0, "f3+l3"), (1, None)])
+    restricted, everywhere = keys_of(reft_model)
+    got = answer_logprobs(reft_model, tokenizer, PROMPTS, ANSWERS, batch_size=2, progress=False)
+    for k, (prompt, answer) in enumerate(zip(PROMPTS, ANSWERS)):
+        p_ids, a_ids = answer_ids(tokenizer, prompt, answer)
+        places = {restricted: [first_last(len(p_ids), 3, 3)]}  # `everywhere` keeps positions=None: all
+        expected = manual_logprob(reft_model, p_ids, a_ids, unit_locations=places)
+        assert got[k] == pytest.approx(expected, rel=0, abs=TIGHT), k
+        prompt_only = {restricted: [first_last(len(p_ids), 3, 3)], everywhere: [list(range(len(p_ids)))]}
+        assert abs(got[k] - manual_logprob(reft_model, p_ids, a_ids, unit_locations=prompt_only)) > 1e-3, k
+
+
+def test_explicit_positions_index_the_prompt(llama: Any, tokenizer: Any) -> None:
+    reft_model = loreft_model(llama, [(0, "l1"), (1, "l1")])
+    first, second = keys_of(reft_model)
+    places = [[0, 2], [1], [3, 0, 5], [1], []]  # per prompt; the last prompt gets no intervention
+    got = answer_logprobs(
+        reft_model, tokenizer, PROMPTS, ANSWERS, batch_size=2, progress=False,
+        unit_locations={f"default.{first}": places},  # `second` keeps its configured "l1"
+    )
+    for k, (prompt, answer) in enumerate(zip(PROMPTS, ANSWERS)):
+        p_ids, a_ids = answer_ids(tokenizer, prompt, answer)
+        expected = manual_logprob(
+            reft_model, p_ids, a_ids, unit_locations={first: [places[k]], second: [[len(p_ids) - 1]]}
+        )
+        assert got[k] == pytest.approx(expected, rel=0, abs=TIGHT), k
+
+    with pytest.raises(PositionError, match="past its end"):
+        answer_logprobs(reft_model, tokenizer, ["x"], [" y"], progress=False, unit_locations=[[2]])
+    with pytest.raises(PositionError, match="one list of prompt-token indices per prompt"):
+        answer_logprobs(reft_model, tokenizer, ["x", "y"], [" y", " z"], progress=False, unit_locations=[[0]])
+    with pytest.raises(PositionError, match="unknown interventions"):
+        answer_logprobs(reft_model, tokenizer, ["x"], [" y"], progress=False, unit_locations={"nope": "l1"})
+    with pytest.raises(PositionError, match="cannot parse"):
+        answer_logprobs(reft_model, tokenizer, ["x"], [" y"], progress=False, unit_locations="last")
+    with pytest.raises(InputError, match="ReftModel"):
+        answer_logprobs(llama, tokenizer, ["x"], [" y"], progress=False, unit_locations="l1")
+
+
+def test_truthfulqa_mc_intervenes_on_the_question(llama: Any, tokenizer: Any) -> None:
+    reft_model = loreft_model(llama, [(1, "l1")])
+    rows = [
+        TruthfulQAExample("Can pigs fly?", "No", ["No", "Never"], ["Yes", "Sometimes"]),
+        TruthfulQAExample("What is 2+2?", "4", ["4"], ["5"]),
+    ]
+    out = truthfulqa_mc(reft_model, tokenizer, rows, batch_size=3, details=True, progress=False)
+    for row, detail in zip(rows, out["details"]):
+        p_ids, a_ids = answer_ids(tokenizer, row.prompt, " " + row.best_answer)
+        expected = manual_logprob(reft_model, p_ids, a_ids, unit_locations=[[len(p_ids) - 1]])
+        assert detail["best_logprob"] == pytest.approx(expected, rel=0, abs=TIGHT)
+    # explicit positions are given per question and apply to each of its choices
+    last = [[len(tokenizer(row.prompt)["input_ids"]) - 1] for row in rows]
+    explicit = truthfulqa_mc(reft_model, tokenizer, rows, details=True, progress=False, unit_locations=last)
+    assert explicit["details"] == out["details"]
+    with pytest.raises(PositionError, match="per question"):
+        truthfulqa_mc(reft_model, tokenizer, rows, progress=False, unit_locations=[[0]])
+
+
+def test_exact_match_places_interventions_on_left_padded_prompts(
+    llama: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation pads on the left: spec and explicit positions are shifted onto each prompt's tokens."""
+    reft_model = loreft_model(llama, [(1, "l1")])
+    (key,) = keys_of(reft_model)
+    calls: list[dict[str, Any]] = []
+    real_generate = reft_model.generate
+
+    def spy(**kwargs: Any) -> torch.Tensor:
+        calls.append(kwargs)
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(reft_model, "generate", spy)
+    refs = ["x"] * len(PROMPTS)
+    n_tokens = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    configured = exact_match_generate(reft_model, tokenizer, PROMPTS, refs, max_new_tokens=4, batch_size=5,
+                                      progress=False)
+    explicit = exact_match_generate(reft_model, tokenizer, PROMPTS, refs, max_new_tokens=4, batch_size=5,
+                                    progress=False, unit_locations=[[n - 1] for n in n_tokens])
+    assert explicit["predictions"] == configured["predictions"]
+    second = exact_match_generate(reft_model, tokenizer, PROMPTS, refs, max_new_tokens=4, batch_size=5,
+                                  progress=False, unit_locations=[[1]] * len(PROMPTS))
+    width = max(n_tokens)
+    for call in calls[:2]:  # the last prompt token of each left-padded row is the last column
+        assert call["unit_locations"][f"default.{key}"].tolist() == [[width - 1]] * len(PROMPTS)
+    assert calls[2]["unit_locations"][f"default.{key}"].tolist() == [[width - n + 1] for n in n_tokens]
+    assert second["n"] == len(PROMPTS)
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments are checked at the door
+# --------------------------------------------------------------------------------------------------
+def test_answer_logprobs_checks_its_arguments(llama: Any, tokenizer: Any) -> None:
+    with pytest.raises(ReftConfigError, match="got a tokenizer"):
+        answer_logprobs(tokenizer, llama, ["x"], [" y"], progress=False)
+    with pytest.raises(ReftConfigError, match="model called as model"):
+        answer_logprobs("HuggingFaceTB/SmolLM2-135M", tokenizer, ["x"], [" y"], progress=False)
+    with pytest.raises(ReftConfigError, match="tokenizer"):
+        answer_logprobs(llama, None, ["x"], [" y"], progress=False)
+    with pytest.raises(ReftConfigError, match="tokenizer"):
+        answer_logprobs(llama, llama, ["x"], [" y"], progress=False)
+    with pytest.raises(InputError, match="prompts must be a list of strings, got a single string"):
+        answer_logprobs(llama, tokenizer, "x", [" y"], progress=False)
+    with pytest.raises(InputError, match=r"answers\[1\] must be a string"):
+        answer_logprobs(llama, tokenizer, ["x", "y"], [" y", 3], progress=False)
+    with pytest.raises(InputError, match="prompts must be a list of strings"):
+        answer_logprobs(llama, tokenizer, None, [" y"], progress=False)
+    with pytest.raises(InputError, match="batch_size"):
+        answer_logprobs(llama, tokenizer, ["x"], [" y"], batch_size=0, progress=False)
+
+
+def test_truthfulqa_mc_checks_its_arguments(llama: Any, tokenizer: Any) -> None:
+    rows = [TruthfulQAExample("q?", "A", ["A"], ["B"])]
+    with pytest.raises(ReftConfigError, match="got a tokenizer"):
+        truthfulqa_mc(tokenizer, llama, rows, progress=False)
+    with pytest.raises(ReftConfigError, match="tokenizer"):
+        truthfulqa_mc(llama, "gpt2", rows, progress=False)
+    with pytest.raises(InputError, match="TruthfulQAExample"):
+        truthfulqa_mc(llama, tokenizer, [("q?", "A", ["A"], ["B"])], progress=False)
+    with pytest.raises(InputError, match="list of TruthfulQAExample"):
+        truthfulqa_mc(llama, tokenizer, rows[0], progress=False)
+
+
+def test_exact_match_checks_its_arguments(llama: Any, tokenizer: Any) -> None:
+    with pytest.raises(ReftConfigError, match=r"generate\(\)"):
+        exact_match_generate(designed_model(tokenizer), tokenizer, ["x"], ["y"], progress=False)
+    with pytest.raises(ReftConfigError, match="got a tokenizer"):
+        exact_match_generate(tokenizer, llama, ["x"], ["y"], progress=False)
+    with pytest.raises(ReftConfigError, match="tokenizer"):
+        exact_match_generate(llama, object(), ["x"], ["y"], progress=False)
+    with pytest.raises(InputError, match="references must be a list of strings, got a single string"):
+        exact_match_generate(llama, tokenizer, ["x"], "y", progress=False)
+    with pytest.raises(InputError, match="one list per prompt"):
+        exact_match_generate(llama, tokenizer, ["x", "z"], ["y", "w"], aliases=[["a"]], progress=False)
+    with pytest.raises(InputError, match=r"aliases\[0\] must be a list of strings"):
+        exact_match_generate(llama, tokenizer, ["x"], ["y"], aliases=["a"], progress=False)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        exact_match_generate(llama, tokenizer, ["x"], ["y"], max_new_tokens=0, progress=False)
     assert tokenizer.padding_side == "right"
 
 

@@ -8,6 +8,10 @@ Example::
 
     from reftlib.evaluation import load_truthfulqa, truthfulqa_mc
     scores = truthfulqa_mc(model, tokenizer, load_truthfulqa("test"))  # {"mc1": ..., "mc2": ..., "n": 409}
+
+With a :class:`reftlib.ReftModel`, position-restricted interventions (``"l1"``, ``"f3+l3"``, explicit
+``unit_locations``) act on each example's *prompt*, also when ``prompt + answer`` is scored;
+interventions on every position act on every token (see :mod:`reftlib.evaluation.metrics`).
 """
 
 from .data import (
@@ -32,7 +36,7 @@ from .data import (
     truthfulqa_prompt,
     truthfulqa_sft_examples,
 )
-from .metrics import answer_logprobs, exact_match_generate, truthfulqa_mc
+from .metrics import PromptLocations, answer_logprobs, exact_match_generate, truthfulqa_mc
 
 __all__ = [
     "CLUTRR_TEMPLATE",
@@ -42,6 +46,7 @@ __all__ = [
     "TRUTHFULQA_TEMPLATE",
     "ClutrrExample",
     "MquakeExample",
+    "PromptLocations",
     "Rewrite",
     "TruthfulQAExample",
     "answer_logprobs",

@@ -1,25 +1,228 @@
 """Scoring for the LoFiT benchmarks: answer log-probabilities, TruthfulQA MC1/MC2 and exact match.
 
 Every function takes any ``model`` callable as ``model(input_ids=..., attention_mask=...)`` returning an
-object with ``.logits`` (a Hugging Face causal LM, or a wrapper such as a reftlib intervened model with
-the same interface) and a Hugging Face tokenizer. Nothing here trains or changes the model: scoring runs
-under :func:`torch.no_grad`, and the tokenizer settings touched for generation are restored.
+object with ``.logits`` (a Hugging Face causal LM, or a wrapper with the same interface) and a Hugging
+Face tokenizer. Nothing here trains or changes the model: scoring runs under :func:`torch.no_grad`, and
+the tokenizer settings touched for generation are restored.
+
+Interventions and the prompt. When ``model`` is a :class:`reftlib.ReftModel`, the positions of its
+active interventions are taken relative to the *prompt*, also when the scored sequence is
+``prompt + answer``: ``"l1"`` is the last prompt token, ``"f3+l3"`` the first and last three prompt
+tokens, and explicit positions (``unit_locations``) index the prompt's tokens. This is where an
+intervention trained on prompts (e.g. LoReFT at ``"l1"``) acts at inference, so scoring an answer
+sees exactly what generating it would. Interventions on every position (``positions=None`` or
+``"all"``, e.g. LoFiT's head offsets) act on every token, prompt and answer. Any other model
+(including a wrapper around a ``ReftModel``) is called as it is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from reftlib.errors import InputError
+from reftlib.errors import InputError, PositionError, ReftConfigError
+from reftlib.model import ReftModel
+from reftlib.positions import parse_position_spec, resolve_position_spec
 
 from .data import TRUTHFULQA_TEMPLATE, TruthfulQAExample, truthfulqa_prompt
 
-__all__ = ["answer_logprobs", "exact_match_generate", "truthfulqa_mc"]
+__all__ = ["PromptLocations", "answer_logprobs", "exact_match_generate", "truthfulqa_mc"]
+
+#: Where a ReftModel's interventions act, relative to each prompt: a position spec (``"l1"``,
+#: ``"f3+l3"``, ``"all"``) for every intervention; one list of prompt-token indices per prompt; or a
+#: dict from intervention key (``"layer_1_block_output"`` or ``"adapter.layer_1_block_output"``) to
+#: either (interventions it does not name keep their configured positions). ``None``: the configured
+#: positions of every intervention.
+PromptLocations = str | Sequence[Sequence[int]] | Mapping[str, str | Sequence[Sequence[int]] | None] | None
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------
+def _is_tokenizer(obj: Any) -> bool:
+    """Whether ``obj`` looks like a Hugging Face tokenizer (has the token/id conversions)."""
+    return callable(obj) and hasattr(obj, "convert_tokens_to_ids") and hasattr(obj, "decode")
+
+
+def _check_model(model: Any, fn: str, needs_generate: bool = False) -> None:
+    """Raise :class:`ReftConfigError` unless ``model`` can be called (or can ``generate``) like a causal LM."""
+    what = "a model with .generate() (a Hugging Face causal LM or a ReftModel)" if needs_generate else (
+        "a model called as model(input_ids=..., attention_mask=...) returning .logits "
+        "(a Hugging Face causal LM or a ReftModel)"
+    )
+    if _is_tokenizer(model):
+        raise ReftConfigError(
+            f"{fn} expects {what} as its first argument but got a tokenizer ({type(model).__name__}); "
+            "pass (model, tokenizer, ...) in that order."
+        )
+    usable = callable(getattr(model, "generate", None)) if needs_generate else callable(model)
+    if not usable:
+        raise ReftConfigError(f"{fn} expects {what} as its first argument, got {type(model).__name__}.")
+
+
+def _check_tokenizer(tokenizer: Any, fn: str, for_generation: bool = False) -> None:
+    """Raise :class:`ReftConfigError` unless ``tokenizer`` is usable as a Hugging Face tokenizer."""
+    needed = ("padding_side", "batch_decode") if for_generation else ()
+    if (
+        isinstance(tokenizer, torch.nn.Module)
+        or not callable(tokenizer)
+        or not all(hasattr(tokenizer, name) for name in needed)
+    ):
+        extra = f" with {', '.join(needed)}" if needed else ""
+        raise ReftConfigError(
+            f"{fn} expects a Hugging Face tokenizer{extra} as its second argument (e.g. "
+            f"AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}."
+        )
+
+
+def _check_texts(values: Any, name: str, fn: str) -> list[str]:
+    """``values`` as a list of strings, or an :class:`InputError` naming what was expected."""
+    if isinstance(values, (str, bytes)):
+        raise InputError(f"{fn}: {name} must be a list of strings, got a single string; wrap it: [{values!r}].")
+    if not isinstance(values, Sequence):
+        raise InputError(f"{fn}: {name} must be a list of strings, got {type(values).__name__}.")
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise InputError(f"{fn}: {name}[{i}] must be a string, got {type(value).__name__} ({value!r}).")
+    return list(values)
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# intervention positions relative to the prompt
+# --------------------------------------------------------------------------------------------------
+def _explicit_rows(value: Any, n_prompts: int, where: str) -> list[list[int]]:
+    """One list of prompt-token indices per prompt, checked (integers >= 0, no repeats)."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, Sequence) or len(value) != n_prompts:
+        got = len(value) if isinstance(value, Sequence) else type(value).__name__
+        raise PositionError(
+            f"{where}: explicit positions must be one list of prompt-token indices per prompt "
+            f"({n_prompts} prompts), got {got}."
+        )
+    rows: list[list[int]] = []
+    for i, row in enumerate(value):
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise PositionError(f"{where}: entry {i} must be a list of prompt-token indices, got {row!r}.")
+        for x in row:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise PositionError(
+                    f"{where}: entry {i} holds {x!r}; positions are prompt-token indices (integers from 0)."
+                )
+        if len(set(row)) != len(row):
+            raise PositionError(f"{where}: entry {i} lists a position twice ({list(row)}).")
+        rows.append([int(x) for x in row])
+    return rows
+
+
+def _location_plan(
+    model: Any, unit_locations: PromptLocations, n_prompts: int, fn: str
+) -> dict[str, str | list[list[int]]] | None:
+    """Per qualified intervention key (``"adapter.key"``) of ``model``'s active adapters: a position spec
+    (``"all"`` for every position) or one list of prompt-token indices per prompt.
+
+    ``None`` when ``model`` is not a :class:`~reftlib.ReftModel` (it is then called as it is).
+    """
+    if not isinstance(model, ReftModel):
+        if unit_locations is not None:
+            raise InputError(
+                f"{fn}: unit_locations place a ReftModel's interventions, but the model is a "
+                f"{type(model).__name__}; pass the ReftModel itself or leave unit_locations out."
+            )
+        return None
+    configured: dict[str, tuple[str, str | None]] = {}  # qualified key -> (plain key, configured spec)
+    for name in model.active_adapters:
+        for rep in model.reft_configs[name].representations:
+            configured[f"{name}.{rep.name}"] = (rep.name, rep.positions)
+    if isinstance(unit_locations, Mapping):
+        known = set(configured) | {plain for plain, _ in configured.values()}
+        unknown = [key for key in unit_locations if key not in known]
+        if unknown:
+            raise PositionError(
+                f"{fn}: unit_locations names unknown interventions {unknown}; the active adapters have "
+                f"{sorted(known)}."
+            )
+    plan: dict[str, str | list[list[int]]] = {}
+    for key, (plain, spec) in configured.items():
+        if isinstance(unit_locations, Mapping):
+            value = unit_locations.get(key, unit_locations.get(plain, spec))
+        elif unit_locations is None:
+            value = spec
+        else:
+            value = unit_locations
+        where = f"{fn}: unit_locations for {key!r}"
+        if value is None:
+            plan[key] = "all"
+        elif isinstance(value, str):
+            plan[key] = "all" if parse_position_spec(value) is None else value
+        else:
+            plan[key] = _explicit_rows(value, n_prompts, where)
+    return plan
+
+
+def _expand_locations(unit_locations: PromptLocations, repeats: Sequence[int]) -> PromptLocations:
+    """Repeat per-question explicit positions once per scored choice (specs pass through)."""
+
+    def one(value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        rows = value.tolist() if isinstance(value, torch.Tensor) else value
+        if not isinstance(rows, Sequence) or len(rows) != len(repeats):
+            got = len(rows) if isinstance(rows, Sequence) else type(rows).__name__
+            raise PositionError(
+                f"truthfulqa_mc: explicit positions must be one list of prompt-token indices per question "
+                f"({len(repeats)} questions), got {got}."
+            )
+        return [row for row, n in zip(rows, repeats) for _ in range(n)]
+
+    if isinstance(unit_locations, Mapping):
+        return {key: one(value) for key, value in unit_locations.items()}
+    return one(unit_locations)
+
+
+def _batch_locations(
+    plan: Mapping[str, str | list[list[int]]], rows: Sequence[int], prompt_mask: torch.Tensor
+) -> dict[str, str | torch.Tensor]:
+    """``unit_locations`` for one padded batch, every position-restricted intervention placed on prompt
+    tokens.
+
+    Batch row ``r`` holds prompt ``rows[r]`` (its index in the call); ``prompt_mask[r]`` is 1 exactly on
+    that prompt's tokens (a contiguous run, anywhere in the row: left or right padding, answer tokens
+    after it). Specs are resolved against this mask; explicit positions are offset by the column of the
+    prompt's first token. ``-1`` marks padding in the positions.
+    """
+    prompt_mask = prompt_mask.detach().to("cpu").long()
+    lengths = prompt_mask.sum(dim=1).tolist()
+    starts = prompt_mask.argmax(dim=1).tolist()  # the first prompt column of each row
+    out: dict[str, str | torch.Tensor] = {}
+    for key, value in plan.items():
+        if isinstance(value, str):
+            spec_positions = resolve_position_spec(value, prompt_mask)  # None for "all"
+            out[key] = "all" if spec_positions is None else spec_positions
+            continue
+        n_max = max((len(value[k]) for k in rows), default=0)
+        positions = torch.full((len(rows), n_max), -1, dtype=torch.long)
+        for r, k in enumerate(rows):
+            for j, p in enumerate(value[k]):
+                if p >= lengths[r]:
+                    raise PositionError(
+                        f"unit_locations for {key!r}: position {p} of prompt {k} is past its end (the prompt "
+                        f"has {lengths[r]} tokens, valid 0..{lengths[r] - 1})."
+                    )
+                positions[r, j] = starts[r] + p
+        out[key] = positions
+    return out
 
 
 def _model_device(model: Any, device: torch.device | str | None) -> torch.device:
@@ -78,6 +281,7 @@ def answer_logprobs(
     batch_size: int = 16,
     device: torch.device | str | None = None,
     progress: bool = True,
+    unit_locations: PromptLocations = None,
 ) -> list[float]:
     """Summed log-probability of each ``answers[i]`` given ``prompts[i]``: ``sum_t log p(a_t | prompt, a_<t)``.
 
@@ -86,19 +290,35 @@ def answer_logprobs(
     across the boundary). Give answers with their leading space (``" Paris"``) when the prompt ends
     before it. Sequences are sorted by length, batched with right padding and an attention mask built
     from the true lengths (never from ``input_ids != pad_id``, which breaks when pad == eos), and scored
-    in float32 under :func:`torch.no_grad`. Padding is on the right, so real tokens keep positions
-    ``0..n-1`` and batched results equal unbatched ones up to float noise.
+    under :func:`torch.no_grad` in float32 (or the logits' dtype when it is wider, e.g. a float64
+    model). Padding is on the right, so real tokens keep positions ``0..n-1`` and batched results equal
+    unbatched ones up to float noise.
+
+    Interventions: with a :class:`~reftlib.ReftModel`, position-restricted interventions act on the
+    *prompt*, as at generation time: a configured ``"l1"`` is each row's last prompt token, not the
+    last answer token (where it could not change any scored log-probability), ``"f3+l3"`` the first
+    and last three prompt tokens. Interventions on every position (``positions=None``/``"all"``,
+    e.g. LoFiT offsets) act on every token. ``unit_locations`` overrides the configured positions
+    (see :data:`PromptLocations`): a spec, or one list of indices into each prompt's tokens (as the
+    tokenizer encodes the prompt, with its special tokens: index 0 is the BOS when one is added).
 
     Raises:
-        InputError: if the lists differ in length, a prompt encodes to no token (nothing to condition
-            the first answer token on) or an answer to none.
+        ReftConfigError: if ``model`` is not a callable model or ``tokenizer`` not a tokenizer.
+        InputError: if ``prompts``/``answers`` are not lists of strings of the same length, a prompt
+            encodes to no token (nothing to condition the first answer token on) or an answer to none.
+        PositionError: if ``unit_locations`` is malformed or points past the end of a prompt.
     """
+    fn = "answer_logprobs"
+    _check_model(model, fn)
+    _check_tokenizer(tokenizer, fn)
+    prompts = _check_texts(prompts, "prompts", fn)
+    answers = _check_texts(answers, "answers", fn)
     if len(prompts) != len(answers):
         raise InputError(
             f"answer_logprobs got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt."
         )
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    _check_positive_int(batch_size, "batch_size")
+    plan = _location_plan(model, unit_locations, len(prompts), fn)
     encoded: list[tuple[list[int], int]] = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         ids, n_prompt = _encode_pair(tokenizer, prompt, answer)
@@ -126,8 +346,15 @@ def answer_logprobs(
                 ids = encoded[k][0]
                 input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, : len(ids)] = 1
-            out = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev))
-            logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+            kwargs: dict[str, Any] = {}
+            if plan:  # right padding: prompt k occupies columns 0 .. n_prompt - 1, its answer follows
+                prompt_mask = torch.zeros_like(attention_mask)
+                for row, k in enumerate(idx):
+                    prompt_mask[row, : encoded[k][1]] = 1
+                kwargs["unit_locations"] = _batch_locations(plan, idx, prompt_mask)
+            out = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **kwargs)
+            logits = out.logits
+            logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             for row, k in enumerate(idx):
                 ids, n_prompt = encoded[k]
                 targets = torch.tensor(ids[n_prompt:], dtype=torch.long, device=logprobs.device)
@@ -154,6 +381,7 @@ def truthfulqa_mc(
     template: str = TRUTHFULQA_TEMPLATE,
     details: bool = False,
     progress: bool = True,
+    unit_locations: PromptLocations = None,
 ) -> dict[str, Any]:
     """TruthfulQA multiple-choice scores MC1 and MC2, averaged over ``rows``.
 
@@ -168,18 +396,39 @@ def truthfulqa_mc(
       normalized probability mass on the correct answers, computed with log-sum-exp so it stays exact
       when the probabilities underflow.
 
+    With a :class:`~reftlib.ReftModel`, position-restricted interventions act on the question's prompt
+    (``"l1"``: its last token, the ``":"`` of ``"A:"``) for every choice, and every-position ones on
+    every token; see :func:`answer_logprobs`. Explicit ``unit_locations`` give one list of prompt-token
+    indices per question (not per choice).
+
     Returns:
         ``{"mc1": mean MC1, "mc2": mean MC2, "n": number of questions}``, plus ``"details"`` when
         ``details=True``: one dict per question with ``question``, ``mc1``, ``mc2``, ``best_logprob``,
         ``correct_logprobs`` and ``incorrect_logprobs``.
 
     Raises:
-        InputError: if ``rows`` is empty or a question has no incorrect answer.
+        ReftConfigError: if ``model`` is not a callable model or ``tokenizer`` not a tokenizer.
+        InputError: if ``rows`` is not a non-empty list of :class:`TruthfulQAExample` or a question has
+            no incorrect answer.
     """
+    fn = "truthfulqa_mc"
+    _check_model(model, fn)
+    _check_tokenizer(tokenizer, fn)
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+        raise InputError(
+            f"truthfulqa_mc expects a list of TruthfulQAExample (e.g. load_truthfulqa('test')), "
+            f"got {type(rows).__name__}."
+        )
     if not rows:
         raise InputError(
             "truthfulqa_mc got no questions; pass a non-empty list such as load_truthfulqa('test')."
         )
+    for i, row in enumerate(rows):
+        if not isinstance(row, TruthfulQAExample):
+            raise InputError(
+                f"truthfulqa_mc: rows[{i}] must be a TruthfulQAExample (from load_truthfulqa), "
+                f"got {type(row).__name__}."
+            )
     prompts: list[str] = []
     answers: list[str] = []
     spans: list[tuple[int, int, int]] = []  # (start, n_correct, n_incorrect); the best answer is at start
@@ -195,8 +444,10 @@ def truthfulqa_mc(
         prompts.extend([prompt] * len(choices))
         answers.extend(" " + c for c in choices)
 
+    repeats = [1 + n_true + n_false for _, n_true, n_false in spans]
     lps = answer_logprobs(
-        model, tokenizer, prompts, answers, batch_size=batch_size, device=device, progress=progress
+        model, tokenizer, prompts, answers, batch_size=batch_size, device=device, progress=progress,
+        unit_locations=_expand_locations(unit_locations, repeats),
     )
 
     per_question: list[dict[str, Any]] = []
@@ -242,6 +493,7 @@ def exact_match_generate(
     device: torch.device | str | None = None,
     ignore_case: bool = False,
     progress: bool = True,
+    unit_locations: PromptLocations = None,
 ) -> dict[str, Any]:
     """Greedy-generate an answer for each prompt and score exact match against its reference(s).
 
@@ -253,20 +505,37 @@ def exact_match_generate(
     stripped. It is correct when it equals ``references[i].strip()`` or any of ``aliases[i]`` (stripped);
     ``ignore_case=True`` compares lower-cased strings (LoFiT's own scripts lower-cased).
 
+    With a :class:`~reftlib.ReftModel` (its ``generate`` in the default ``mode="auto"``),
+    position-restricted interventions act on the prompt (``"l1"``: its last token, whatever the
+    padding), every-position ones on the prompt and every generated token; ``unit_locations``
+    overrides the configured positions as in :func:`answer_logprobs` (explicit positions index each
+    prompt's own tokens, before padding).
+
     Returns:
         ``{"accuracy": fraction correct, "predictions": [str], "correct": [bool], "n": count}``.
 
     Raises:
-        InputError: on mismatched list lengths or a tokenizer with neither a pad nor an EOS token.
+        ReftConfigError: if ``model`` has no ``generate`` or ``tokenizer`` is not a tokenizer.
+        InputError: if ``prompts``/``references`` are not lists of strings of the same length,
+            ``aliases`` not one list of strings per prompt, or the tokenizer has neither a pad nor an
+            EOS token.
+        PositionError: if ``unit_locations`` is malformed or points past the end of a prompt.
     """
+    fn = "exact_match_generate"
+    _check_model(model, fn, needs_generate=True)
+    _check_tokenizer(tokenizer, fn, for_generation=True)
+    prompts = _check_texts(prompts, "prompts", fn)
+    references = _check_texts(references, "references", fn)
     if len(prompts) != len(references):
         raise InputError(f"exact_match_generate got {len(prompts)} prompts but {len(references)} references.")
-    if aliases is not None and len(aliases) != len(prompts):
-        raise InputError(
-            f"aliases must hold one list per prompt: got {len(aliases)} for {len(prompts)} prompts."
-        )
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
+    if aliases is not None:
+        if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Sequence) or len(aliases) != len(prompts):
+            got = len(aliases) if isinstance(aliases, Sequence) else type(aliases).__name__
+            raise InputError(f"aliases must hold one list per prompt: got {got} for {len(prompts)} prompts.")
+        aliases = [_check_texts(a, f"aliases[{i}]", fn) for i, a in enumerate(aliases)]
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(max_new_tokens, "max_new_tokens")
+    plan = _location_plan(model, unit_locations, len(prompts), fn)
 
     dev = _model_device(model, device)
     old_side = tokenizer.padding_side
@@ -286,12 +555,17 @@ def exact_match_generate(
                 batch = list(prompts[start : start + batch_size])
                 enc = tokenizer(batch, return_tensors="pt", padding=True)
                 input_ids = enc["input_ids"].to(dev)
+                kwargs: dict[str, Any] = {}
+                if plan:  # the sequences are the prompts: their attention mask marks the prompt tokens
+                    rows = list(range(start, start + len(batch)))
+                    kwargs["unit_locations"] = _batch_locations(plan, rows, enc["attention_mask"])
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=enc["attention_mask"].to(dev),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
+                    **kwargs,
                 )
                 new_tokens = out[:, input_ids.shape[1] :]
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
