@@ -270,7 +270,7 @@ def test_delete_adapter_leaves_the_others_working():
         reft_model(input_ids=torch.tensor([PROMPTS[0]]), adapter_names=["c"])
     reft_model.delete_adapter("b")
     reft_model.delete_adapter("a")
-    assert reft_model._site_hooks == {}  # no hook left behind
+    assert reft_model.runtime.hooks == {}  # no hook left behind
     ids = torch.tensor([PROMPTS[0]])
     assert torch.equal(reft_model(input_ids=ids).logits, reft_model.model(input_ids=ids).logits)
 
@@ -519,7 +519,7 @@ def test_loading_an_adapter_built_for_another_model_size_raises(tmp_path):
     target = reftlib.get_reft_model(wider, _rep(1), adapter_name="own")
     with pytest.raises(CheckpointError, match=r"do not fit this model.*embed_dim=32.*width 64"):
         target.load_adapter(tmp_path / "c", adapter_name="c")
-    assert target.adapter_names == ["own"] and len(target._site_hooks) == 1
+    assert target.adapter_names == ["own"] and len(target.runtime.hooks) == 1
     with pytest.raises(CheckpointError, match="do not fit this model"):
         reftlib.ReftModel.from_pretrained(tmp_path, wider)
     shallower = tf.AutoModelForCausalLM.from_config(

@@ -269,9 +269,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok):
 
     plain = grads()
     reft_model.gradient_checkpointing_enable()
-    from reftlib.model import _checkpointing
+    from reftlib.runtime import is_checkpointing
 
-    assert _checkpointing(reft_model.model)  # is_activation_checkpointing (transformers 5) / is_gradient_checkpointing
+    assert is_checkpointing(reft_model.model)  # is_activation_checkpointing (transformers 5) / is_gradient_checkpointing
     checkpointed = grads()
     reft_model.gradient_checkpointing_disable()
     assert_states_close(plain, checkpointed, atol=1e-5)

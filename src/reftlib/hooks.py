@@ -1,9 +1,10 @@
-"""PyTorch hooks that apply interventions at positions, and the per-call state they read.
+"""PyTorch hooks that apply interventions at positions, and the per-call context they read.
 
 One hook is registered per site (module + input/output), whatever the number of
 interventions or adapters there. Hooks are persistent while interventions are attached and
-do nothing unless a :class:`CallState` is active, so calling the base model directly always
-gives base outputs. Per-call positions live in the :class:`CallState`, never on the model.
+do nothing unless the runtime is executing a call (a :class:`CallContext` around the call's
+immutable :class:`~reftlib.plan.CallPlan`), so calling the base model directly always gives base
+outputs. Per-call positions live in the plan, never on the model.
 
 Applying an intervention never edits the model's own tensors in place and never moves data to
 the host: positions are moved to the device once per call (from pinned memory, asynchronously,
@@ -21,50 +22,41 @@ tensors below it do not require gradients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from .components import Site
-from .errors import DeviceError, NumericalError
+from .errors import DeviceError, InputError, NumericalError
 from .interventions import Intervention
+from .plan import CallPlan
 
 
-@dataclass
-class CallState:
-    """Everything a forward (or one ``generate``) call needs from the hooks.
+class CallContext:
+    """A :class:`~reftlib.plan.CallPlan` being executed: the chunk cursor and per-device copies.
 
-    ``positions[key]`` is a CPU ``[batch, n]`` tensor (``-1`` = padding) or ``None`` for all
-    positions. ``prompt_length`` splits the sequence into prompt positions (where
-    ``positions`` apply when ``on_prompt``) and generated positions (all of them are edited
-    when ``on_generated``, by every intervention or, when ``generated_keys`` is given, by those
-    only). ``row_masks[adapter]`` restricts an adapter to some rows.
+    The plan is immutable; what changes while a call runs lives here: which absolute positions
+    the current forward covers (the prompt, then one chunk per decode step with a KV cache) and
+    the positions and row masks already copied to each device.
     """
 
-    positions: dict[str, torch.Tensor | None]
-    batch_size: int
-    prompt_length: int
-    active: tuple[str, ...]
-    on_prompt: bool = True
-    on_generated: bool = False
-    generated_keys: frozenset[str] | None = None
-    enabled: bool = True
-    row_masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    check_finite: bool = False
-    initial_offset: int = 0
-    chunk_start: int = 0
-    chunk_length: int = 0
-    next_start: int = 0
-    chunks_seen: int = 0
-    _cache: dict[tuple, Any] = field(default_factory=dict)
+    __slots__ = ("_cache", "chunk_length", "chunk_start", "chunks_seen", "enabled", "next_start", "plan")
+
+    def __init__(self, plan: CallPlan, *, enabled: bool = True) -> None:
+        self.plan = plan
+        self.enabled = enabled
+        self.chunk_start = 0
+        self.chunk_length = 0
+        self.next_start = 0
+        self.chunks_seen = 0
+        self._cache: dict[tuple, Any] = {}
 
     def begin_chunk(self, length: int, has_cache: bool) -> None:
         """Record which absolute positions the current forward covers (KV-cache aware)."""
         if self.chunks_seen == 0:
-            start = self.initial_offset
+            start = self.plan.initial_offset
         elif not has_cache:
             start = 0  # no cache: every step re-reads the whole sequence
         else:
@@ -72,12 +64,13 @@ class CallState:
         self.chunk_start, self.chunk_length, self.next_start = start, length, start + length
         self.chunks_seen += 1
 
-    def _expand_rows(self, tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    @staticmethod
+    def _expand_rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
         if tensor.shape[0] == batch:
             return tensor
         # generate() expands each row for beams / num_return_sequences: [a, a, b, b, ...]
         if batch % tensor.shape[0]:
-            raise RuntimeError(f"reftlib: batch of {batch} rows cannot come from {tensor.shape[0]} input rows")
+            raise InputError(f"a batch of {batch} rows cannot come from {tensor.shape[0]} input rows")
         return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
 
     def device_positions(
@@ -92,7 +85,7 @@ class CallState:
         cache_key = ("pos", key, device, batch, start)
         hit = self._cache.get(cache_key)
         if hit is None:
-            pos = self._expand_rows(self.positions[key], batch)
+            pos = self._expand_rows(self.plan.positions[key], batch)
             if start:
                 pos = torch.where(pos >= start, pos - start, -1)
             valid = pos >= 0
@@ -105,7 +98,7 @@ class CallState:
 
     def row_mask(self, adapter: str, device: torch.device, batch: int) -> torch.Tensor | None:
         """Boolean ``[batch]`` mask of the rows ``adapter`` applies to (``None``: every row)."""
-        mask = self.row_masks.get(adapter)
+        mask = self.plan.row_masks.get(adapter)
         if mask is None:
             return None
         cache_key = ("rows", adapter, device, batch)
@@ -176,12 +169,16 @@ def apply_on_range(
 
 
 class SiteHook:
-    """The single hook of one site; applies every active intervention registered there."""
+    """The single hook of one site; applies every active intervention registered there.
 
-    def __init__(self, site: Site, get_state: Callable[[], CallState | None]) -> None:
+    It reads the call being executed from ``runtime.current`` (a :class:`CallContext`, or
+    ``None`` outside reftlib's calls: the hook then leaves the tensor alone).
+    """
+
+    def __init__(self, site: Site, runtime: Any) -> None:
         self.site = site
-        self.get_state = get_state
-        self.entries: list[tuple[str, str, Intervention]] = []  # (adapter, key, intervention)
+        self.runtime = runtime
+        self.entries: list[tuple[str, str, Intervention]] = []  # (adapter, qualified key, intervention)
         if site.kind == "input":
             self.handle = site.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         else:
@@ -192,56 +189,57 @@ class SiteHook:
 
     # -- hook bodies -----------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        state = self.get_state()
-        if state is None or not state.enabled:
+        context = self.runtime.current
+        if context is None or not context.enabled or self.runtime.disabled:
             return None
         if args:
             if not isinstance(args[0], torch.Tensor):
                 return None
-            edited = self.apply(args[0], state)
+            edited = self.apply(args[0], context)
             return None if edited is args[0] else ((edited, *args[1:]), kwargs)
         hidden = kwargs.get("hidden_states")
         if isinstance(hidden, torch.Tensor):
-            edited = self.apply(hidden, state)
+            edited = self.apply(hidden, context)
             return None if edited is hidden else (args, dict(kwargs, hidden_states=edited))
         return None
 
     def _hook(self, module: nn.Module, args: tuple, output: Any):
-        state = self.get_state()
-        if state is None or not state.enabled:
+        context = self.runtime.current
+        if context is None or not context.enabled or self.runtime.disabled:
             return None
         if isinstance(output, torch.Tensor):
-            edited = self.apply(output, state)
+            edited = self.apply(output, context)
             return None if edited is output else edited
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            edited = self.apply(output[0], state)
+            edited = self.apply(output[0], context)
             return None if edited is output[0] else (edited, *output[1:])
         return None
 
     # -- the edit ---------------------------------------------------------------------------
-    def apply(self, hidden: torch.Tensor, state: CallState) -> torch.Tensor:
-        """Apply the active interventions of this site to ``hidden`` (one chunk of the call)."""
+    def apply(self, hidden: torch.Tensor, context: CallContext) -> torch.Tensor:
+        """Apply the plan's interventions of this site to ``hidden`` (one chunk of the call)."""
+        plan = context.plan
         flat = hidden.dim() == 2  # some models (OPT's MLP) flatten [batch, seq] into one dimension
-        start, prompt_length = state.chunk_start, state.prompt_length
-        chunk = state.chunk_length if flat else (hidden.shape[1] if hidden.dim() > 1 else 0)
-        if not state.check_finite and not (
-            (state.on_prompt and start < prompt_length) or (state.on_generated and start + chunk > prompt_length)
+        start, prompt_length = context.chunk_start, plan.prompt_length
+        chunk = context.chunk_length if flat else (hidden.shape[1] if hidden.dim() > 1 else 0)
+        if not plan.check_finite and not (
+            (plan.on_prompt and start < prompt_length) or (plan.on_generated and start + chunk > prompt_length)
         ):
             return hidden  # nothing to do in this chunk (e.g. a decode step of a prompt-only intervention)
         if flat:
-            length = state.chunk_length
+            length = context.chunk_length
             if not length or hidden.shape[0] % length:
                 return hidden
             hidden = hidden.unflatten(0, (hidden.shape[0] // length, length))
         heads = self.site.num_heads
         h = hidden.unflatten(-1, (heads, hidden.shape[-1] // heads)) if heads else hidden
-        for adapter, key, intervention in self._in_stacking_order(state.active):
+        for adapter, key, intervention in self._in_stacking_order(plan.adapters):
             try:
-                h = self._apply_one(h, state, adapter, key, intervention, start, prompt_length)
+                h = self._apply_one(h, context, adapter, key, intervention, start, prompt_length)
             except RuntimeError as exc:
                 self._raise_if_misplaced(exc, h, adapter, key, intervention)
                 raise
-            if state.check_finite and not bool(torch.isfinite(h).all()):
+            if plan.check_finite and not bool(torch.isfinite(h).all()):
                 raise NumericalError(
                     f"intervention {key!r} (adapter {adapter!r}) at {self.site.path} ({self.site.kind}) produced "
                     "NaN or inf; lower the learning rate, use dtype='float32' for the intervention, or check the inputs"
@@ -249,27 +247,28 @@ class SiteHook:
         h = h.flatten(-2) if heads else h
         return h.flatten(0, 1) if flat else h
 
-    def _in_stacking_order(self, active: tuple[str, ...]) -> Iterator[tuple[str, str, Intervention]]:
+    def _in_stacking_order(self, adapters: tuple[str, ...]) -> Iterator[tuple[str, str, Intervention]]:
         """This site's entries of the call's adapters: adapters in the call's order, each in config order."""
-        if len(active) == 1:
-            yield from (entry for entry in self.entries if entry[0] == active[0])
+        if len(adapters) == 1:
+            yield from (entry for entry in self.entries if entry[0] == adapters[0])
             return
-        for adapter in active:
+        for adapter in adapters:
             yield from (entry for entry in self.entries if entry[0] == adapter)
 
     @staticmethod
-    def _apply_one(h: torch.Tensor, state: CallState, adapter: str, key: str, intervention: Intervention,
+    def _apply_one(h: torch.Tensor, context: CallContext, adapter: str, key: str, intervention: Intervention,
                    start: int, prompt_length: int) -> torch.Tensor:
+        plan = context.plan
         batch, length = h.shape[0], h.shape[1]
-        row_mask = state.row_mask(adapter, h.device, batch)
-        if state.on_prompt and start < prompt_length:
-            if state.positions.get(key) is None:
+        row_mask = context.row_mask(adapter, h.device, batch)
+        if plan.on_prompt and start < prompt_length:
+            if plan.positions.get(key) is None:
                 h = apply_on_range(h, intervention, 0, min(prompt_length - start, length), row_mask)
             else:
-                rows, pos, valid = state.device_positions(key, h.device, batch, start)
+                rows, pos, valid = context.device_positions(key, h.device, batch, start)
                 h = apply_at_positions(h, intervention, rows, pos, valid, row_mask)
-        if state.on_generated and start + length > prompt_length and (
-            state.generated_keys is None or key in state.generated_keys
+        if plan.on_generated and start + length > prompt_length and (
+            plan.generated_keys is None or key in plan.generated_keys
         ):
             h = apply_on_range(h, intervention, max(prompt_length - start, 0), length, row_mask)
         return h

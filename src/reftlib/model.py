@@ -18,20 +18,13 @@ from torch import nn
 
 from .components import Site, resolve_site, text_config
 from .config import ReftConfig, RepresentationConfig
-from .errors import AdapterError, ArchitectureError, InputError, PositionError, ReftConfigError
-from .hooks import CallState, SiteHook
+from .errors import AdapterError, ArchitectureError, InputError, ReftConfigError
 from .interventions import Intervention
-from .positions import normalize_unit_locations
+from .plan import GENERATION_MODES, AdapterSpecs, CallPlan, build_plan
+from .runtime import HFRuntime
 
 DEFAULT_ADAPTER = "default"
 
-GENERATION_MODES = {
-    "auto": (True, True),  # generated tokens: only interventions whose positions are "every position"
-    "prompt": (True, False),
-    "generated": (False, True),
-    "prompt+generated": (True, True),
-    "all": (True, True),
-}
 _GENERATION_MODES = GENERATION_MODES  # old private name, kept for code written against 0.1
 
 
@@ -60,13 +53,9 @@ class ReftModel(nn.Module):
         self.adapters = nn.ModuleDict()
         self.reft_configs: dict[str, ReftConfig] = {}
         self._adapter_sites: dict[str, dict[str, Site]] = {}
-        self._site_hooks: dict[tuple[str, str], SiteHook] = {}
         self._active: list[str] = []
-        self._state: CallState | None = None
-        self._in_call = False
-        self._disabled = False
-        # On the innermost model: PEFT wrappers run generate() on the model they wrap, never through their forward.
-        self._tracker = _innermost_model(model).register_forward_pre_hook(self._track_chunk, with_kwargs=True)
+        #: Executes each call's plan on the base model (hooks, KV-cache tracking, checkpointing).
+        self.runtime = HFRuntime(model)
         if config is not None:
             self.add_adapter(adapter_name, config)
 
@@ -128,7 +117,7 @@ class ReftModel(nn.Module):
             config = ReftConfig(representations=config)
         reps = config.representations
         sites = [resolve_site(self.model, rep.layer, rep.component) for rep in reps]
-        probes = self._probe(sites)
+        probes = self.runtime.probe(sites)
         modules = nn.ModuleDict()
         site_of_key: dict[str, Site] = {}
         for rep, site in zip(reps, sites):
@@ -147,11 +136,8 @@ class ReftModel(nn.Module):
         self.reft_configs[adapter_name] = config
         self._adapter_sites[adapter_name] = site_of_key
         for key, site in site_of_key.items():
-            hook = self._site_hooks.get(site.key)
-            if hook is None:
-                hook = self._site_hooks[site.key] = SiteHook(site, self._get_state)
-            # Positions are looked up per call by the qualified key "adapter.key" (see _make_state).
-            hook.entries.append((adapter_name, f"{adapter_name}.{key}", modules[key]))
+            # Positions are looked up per call by the qualified key "adapter.key" (see reftlib.plan).
+            self.runtime.add(site, adapter_name, f"{adapter_name}.{key}", modules[key])
         if set_active or (set_active is None and not self._active):
             self._active.append(adapter_name)
 
@@ -171,11 +157,7 @@ class ReftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its hooks entries (sites left empty lose their hook)."""
         self._check_adapter(adapter_name)
-        for key, hook in list(self._site_hooks.items()):
-            hook.entries = [e for e in hook.entries if e[0] != adapter_name]
-            if not hook.entries:
-                hook.remove()
-                del self._site_hooks[key]
+        self.runtime.remove_adapter(adapter_name)
         del self.adapters[adapter_name]
         del self.reft_configs[adapter_name]
         del self._adapter_sites[adapter_name]
@@ -201,57 +183,6 @@ class ReftModel(nn.Module):
             n += 1
         return key
 
-    def _probe(self, sites: list[Site]) -> dict[tuple[str, str], tuple[torch.Size, torch.device]]:
-        """Run a two-token forward once to learn each site's tensor shape and device."""
-        found: dict[tuple[str, str], tuple[torch.Size, torch.device]] = {}
-        handles = []
-
-        def record(site: Site):
-            def pre(module, args, kwargs):
-                tensor = args[0] if args else kwargs.get("hidden_states")
-                if isinstance(tensor, torch.Tensor):
-                    found.setdefault(site.key, (tensor.shape, tensor.device))
-
-            def post(module, args, output):
-                tensor = output if isinstance(output, torch.Tensor) else (output[0] if isinstance(output, tuple) else None)
-                if isinstance(tensor, torch.Tensor):
-                    found.setdefault(site.key, (tensor.shape, tensor.device))
-
-            return pre, post
-
-        for site in {s.key: s for s in sites}.values():
-            pre, post = record(site)
-            if site.kind == "input":
-                handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                handles.append(site.module.register_forward_hook(post))
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        weight = getattr(embeddings, "weight", None)
-        if weight is not None and weight.device.type == "meta":
-            raise ArchitectureError("the model's weights are on the 'meta' device; load real weights before attaching")
-        device = weight.device if weight is not None else self.device
-        state, self._state = self._state, None
-        try:
-            with torch.no_grad():
-                ids = torch.tensor([[1, 2]], device=device)
-                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        except Exception as exc:
-            raise ArchitectureError(
-                f"reftlib runs a 2-token forward to find the shapes at each site, and {type(self.model).__name__} "
-                f"failed on it: {exc}. Models that need more than input_ids (e.g. encoder-decoder) are not supported"
-            ) from exc
-        finally:
-            self._state = state
-            for handle in handles:
-                handle.remove()
-        for site in sites:
-            if site.key not in found:
-                raise ArchitectureError(
-                    f"site {site.path} ({site.kind}) for component {site.component!r} never received a tensor "
-                    "during a forward pass; choose another component or module path"
-                )
-        return found
-
     @staticmethod
     def _build(rep: RepresentationConfig, site: Site, shape: torch.Size) -> None:
         width = int(shape[-1])
@@ -268,193 +199,37 @@ class ReftModel(nn.Module):
                 raise ReftConfigError(f"{type(iv).__name__} needs component='head_output'")
             iv.build(width)
 
-    # ------------------------------------------------------------------ per-call state
-    def _get_state(self) -> CallState | None:
-        return self._state
+    # ------------------------------------------------------------------ per-call plan
+    @property
+    def adapter_specs(self) -> AdapterSpecs:
+        """``adapter -> [(intervention key, configured positions), ...]``: what a call plan needs to know."""
+        return {name: [(rep.name, rep.positions) for rep in config.representations]
+                for name, config in self.reft_configs.items()}
 
-    def _track_chunk(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state = self._state
-        if state is None:
-            return
-        if not self._in_call:
-            self._state = None  # stale state kept for gradient checkpointing: the base model is called directly
-            return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if ids is None:
-            return
-        # transformers ≥ 5.25 names the KV cache argument ``cache`` (``past_key_values`` before).
-        has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-        state.begin_chunk(ids.shape[1], has_cache)
-
-    def _make_state(
+    def plan_call(
         self,
         attention_mask: torch.Tensor,
-        unit_locations: Any,
-        adapter_names: Sequence[str | Sequence[str] | None] | None,
-        on_prompt: bool = True,
-        on_generated: bool = False,
-        initial_offset: int = 0,
-        all_positions: bool = False,
-    ) -> CallState:
-        """Resolve one call's adapters (per row) and positions into a :class:`CallState`.
+        *,
+        unit_locations: Any = None,
+        intervention_locations: torch.Tensor | None = None,
+        adapter_names: Sequence[str | Sequence[str] | None] | None = None,
+        mode: str | None = None,
+        check_finite: bool = False,
+    ) -> CallPlan:
+        """The :class:`~reftlib.plan.CallPlan` of one call over inputs with this ``attention_mask``.
 
-        Positions are kept per qualified key ``"adapter.key"``, so two adapters whose
-        interventions share a key may use different positions in the same call. A dict
-        ``unit_locations`` may name an intervention by its qualified key (``"a.layer_1_block_output"``:
-        that adapter only) or by its plain key (``"layer_1_block_output"``: every adapter of the
-        call that has it); a qualified entry wins over a plain one. Integer dict keys and the
-        per-intervention list form index the interventions in stacking order (adapters in call
-        order, then each adapter's interventions in config order).
+        ``forward`` and ``generate`` build one per call; runtimes other than the Hugging Face one
+        (and subclasses that run the base model themselves) build it here and execute it.
         """
-        batch, length = attention_mask.shape
-        if batch == 0:
-            raise InputError("the batch is empty (0 rows); pass at least one example")
-        if adapter_names is None:
-            active, row_masks = list(self._active), {}
-        else:
-            active, row_masks = self._rows_of_adapters(adapter_names, batch)
-        keys = [f"{name}.{key}" for name in active for key in self.adapters[name]]
-        specs = {f"{name}.{rep.name}": rep.positions for name in active for rep in self.reft_configs[name].representations}
-        if all_positions:
-            positions = dict.fromkeys(keys)
-        else:
-            locations = self._qualify_locations(unit_locations, active)
-            positions = normalize_unit_locations(locations, keys, specs, attention_mask)
-        return CallState(
-            positions=positions,
-            batch_size=batch,
-            prompt_length=length,
-            active=tuple(active),
-            on_prompt=on_prompt,
-            on_generated=on_generated,
-            enabled=not self._disabled,
-            row_masks=row_masks,
-            initial_offset=initial_offset,
-        )
-
-    def _rows_of_adapters(
-        self, adapter_names: Sequence[str | Sequence[str] | None], batch: int
-    ) -> tuple[list[str], dict[str, torch.Tensor]]:
-        """Stacking order of the adapters used by a mixed batch and each one's boolean row mask.
-
-        Each row names an adapter, ``None`` (base model) or a list of adapters applied in that
-        order. The call's order merges every row's order (first appearance breaks ties); rows
-        that stack the same adapters in opposite orders are rejected. Adapters used by every row
-        get no mask.
-        """
-        if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence) \
-                or len(adapter_names) != batch:
-            raise AdapterError(
-                f"adapter_names must be a list with one entry per row ({batch} rows): an adapter name, None "
-                f"(base model) or a list of names (stacked in that order); got {adapter_names!r}"
-            )
-        stacks = []
-        for i, entry in enumerate(adapter_names):
-            stack = self._split_adapters(entry)
-            for name in stack:
-                self._check_adapter(name)
-            if len(set(stack)) != len(stack):
-                raise AdapterError(f"adapter_names[{i}] = {entry!r} names an adapter twice")
-            stacks.append(stack)
-        used = list(dict.fromkeys(name for stack in stacks for name in stack))
-        after = {name: set() for name in used}  # after[a]: adapters that some row applies after a
-        for stack in stacks:
-            for i, name in enumerate(stack):
-                after[name].update(stack[i + 1:])
-        order: list[str] = []
-        pending = list(used)
-        while pending:
-            ready = next((a for a in pending if not any(a in after[b] for b in pending if b != a)), None)
-            if ready is None:
-                raise AdapterError(
-                    f"rows of adapter_names stack adapters {pending} in conflicting orders; one call needs "
-                    "one stacking order (split the batch, or list them in the same order on every row)"
-                )
-            order.append(ready)
-            pending.remove(ready)
-        row_masks = {}
-        for name in order:
-            mask = torch.tensor([name in stack for stack in stacks])
-            if not bool(mask.all()):
-                row_masks[name] = mask
-        return order, row_masks
-
-    def _qualify_locations(self, unit_locations: Any, active: Sequence[str]) -> Any:
-        """Rewrite a dict of positions keyed by plain intervention keys into qualified keys.
-
-        Entries for adapters of the model that this call does not use are ignored, so one dict
-        can serve every call; keys that no adapter has are an error.
-        """
-        if not isinstance(unit_locations, Mapping) or "sources->base" in unit_locations or "base" in unit_locations:
-            return unit_locations
-        owners: dict[str, list[str]] = {}
-        for name in active:
-            for key in self.adapters[name]:
-                owners.setdefault(key, []).append(f"{name}.{key}")
-        qualified_keys = {q for names in owners.values() for q in names}
-        known = {f"{name}.{key}" for name, modules in self.adapters.items() for key in modules}
-        known |= {q.split(".", 1)[1] for q in known}
-        plain: dict[Any, Any] = {}
-        exact: dict[Any, Any] = {}
-        for key, value in unit_locations.items():
-            if isinstance(key, str) and key in owners:
-                plain.update(dict.fromkeys(owners[key], value))
-            elif isinstance(key, int) or key in qualified_keys:
-                exact[key] = value
-            elif key not in known:
-                raise PositionError(
-                    f"unit_locations names unknown intervention {key!r}; the adapters of this call "
-                    f"({list(active)}) have keys {sorted(owners)}, also accepted qualified as {sorted(qualified_keys)}"
-                )
-        return {**plain, **exact}
-
-    @staticmethod
-    def _split_adapters(name: str | Sequence[str] | None) -> list[Any]:
-        if name is None:
-            return []
-        if isinstance(name, str) or not isinstance(name, Sequence):
-            return [name]
-        return list(name)
-
-    @contextlib.contextmanager
-    def _call(self, state: CallState) -> Iterator[None]:
-        previous = (self._state, self._in_call)
-        self._state, self._in_call = state, True
-        try:
-            yield
-        finally:
-            if previous[1]:  # a nested call: back to the outer call's state
-                self._state = previous[0]
-            elif (torch.is_grad_enabled() and self.training and _checkpointing(_innermost_model(self.model))
-                  and not self._checkpoint_context_installed()):
-                # Checkpointing enabled on the base model directly (no context_fn): backward re-runs
-                # the hooked layers after forward() returned, so the last grad call's state stays
-                # until the next call. One forward per backward is then required.
-                self._state = state
-            else:  # keep a state retained for checkpointing across no-grad calls (a DPO reference pass)
-                self._state = previous[0]
-            self._in_call = previous[1]
-
-    def _checkpoint_context_installed(self) -> bool:
-        """Whether the base model's checkpointing carries :meth:`_checkpoint_contexts` (set by our enable)."""
-        for module in _innermost_model(self.model).modules():
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            if func is not None:
-                keywords = getattr(func, "keywords", None) or {}
-                return getattr(keywords.get("context_fn"), "__self__", None) is self
-        return False
+        return build_plan(self.adapter_specs, self._active, attention_mask, unit_locations=unit_locations,
+                          intervention_locations=intervention_locations, adapter_names=adapter_names,
+                          mode=mode, check_finite=check_finite)
 
     @contextlib.contextmanager
     def disable_interventions(self) -> Iterator[None]:
         """Run the base model with every intervention switched off (e.g. as a DPO reference)."""
-        previous = self._disabled
-        self._disabled = True
-        try:
+        with self.runtime.interventions_disabled():
             yield
-        finally:
-            self._disabled = previous
 
     disable_adapter = disable_interventions  # PEFT's name
 
@@ -490,28 +265,25 @@ class ReftModel(nn.Module):
         inputs.update(model_kwargs)
         if labels is not None:
             inputs["labels"] = labels
-        if intervention_locations is not None:
-            if unit_locations is not None:
-                raise PositionError("give unit_locations or intervention_locations, not both")
-            unit_locations = {"sources->base": (None, intervention_locations.permute(1, 0, 2))}
         attention_mask = self._attention_mask(inputs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         self._check_length(self._input_length(inputs) + int(cached), "the input")
         # Positions index the input_ids of this call (also when a KV cache holds earlier tokens).
-        state = self._make_state(attention_mask[:, -self._input_length(inputs):], unit_locations, adapter_names)
-        state.check_finite = check_finite
+        plan = self.plan_call(attention_mask[:, -self._input_length(inputs):], unit_locations=unit_locations,
+                              intervention_locations=intervention_locations, adapter_names=adapter_names,
+                              check_finite=check_finite)
         original = None
         if output_original_output:
             with torch.no_grad(), self.disable_interventions():
                 original = self.model(**inputs)
-        with self._call(state):
+        with self.runtime.run(plan):
             outputs = self.model(**inputs)
         return (original, outputs) if pyreft_style else outputs
 
     def _check_length(self, length: int, what: str) -> None:
         """Refuse sequences longer than the model's position table (an index error or silent garbage otherwise)."""
-        limit = _max_positions(self.model)
+        limit = max_positions(self.model)
         if limit is not None and length > limit:
             raise InputError(
                 f"{what} has {length} tokens but the model handles at most {limit} (config.max_position_embeddings); "
@@ -587,7 +359,6 @@ class ReftModel(nn.Module):
             mode = "auto" if intervene_on_prompt else "generated"
         if mode not in GENERATION_MODES:
             raise ReftConfigError(f"unknown generation mode {mode!r}; use one of {list(GENERATION_MODES)}")
-        on_prompt, on_generated = GENERATION_MODES[mode]
         pyreft_style = base is not None
         inputs = _tensor_inputs(base) if pyreft_style else {}
         for name in ("input_ids", "attention_mask", "inputs_embeds"):
@@ -603,16 +374,12 @@ class ReftModel(nn.Module):
                     "batched generation needs LEFT padding (some rows end with padding); set "
                 "tokenizer.padding_side = 'left' before tokenizing"
             )
-        state = self._make_state(attention_mask, unit_locations, adapter_names, on_prompt, on_generated,
-                                 all_positions=(mode == "all"))
-        if mode == "auto":  # generated tokens: the interventions that act on every position
-            state.generated_keys = frozenset(key for key, pos in state.positions.items() if pos is None)
-            state.on_generated = bool(state.generated_keys)
+        plan = self.plan_call(attention_mask, unit_locations=unit_locations, adapter_names=adapter_names, mode=mode)
         original = None
         if output_original_output:
             with self.disable_interventions():
                 original = self.model.generate(**inputs, **generate_kwargs)
-        with self._call(state):
+        with self.runtime.run(plan):
             generated = self.model.generate(**inputs, **generate_kwargs)
         return (original, generated) if pyreft_style else generated
 
@@ -666,7 +433,7 @@ class ReftModel(nn.Module):
         and rejected batches). ``transformers`` 5 names this ``activation_checkpointing_enable``;
         :meth:`gradient_checkpointing_enable` is the same.
         """
-        options = {"use_reentrant": False, "context_fn": self._checkpoint_contexts,
+        options = {"use_reentrant": False, "context_fn": self.runtime.checkpoint_contexts,
                    **(activation_checkpointing_kwargs or {})}
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if callable(enable):
@@ -684,29 +451,19 @@ class ReftModel(nn.Module):
 
     gradient_checkpointing_disable = activation_checkpointing_disable
 
-    def _checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        """``context_fn`` of torch's checkpoint: the recomputation runs with the state of the call that ran forward."""
-        return contextlib.nullcontext(), self._running(self._state)
-
-    @contextlib.contextmanager
-    def _running(self, state: CallState | None) -> Iterator[None]:
-        previous = (self._state, self._in_call)
-        self._state, self._in_call = state, state is not None
-        try:
-            yield
-        finally:
-            self._state, self._in_call = previous
-
     def detach(self) -> nn.Module:
         """Remove every hook reftlib added and return the untouched base model."""
-        for hook in self._site_hooks.values():
-            hook.remove()
-        self._site_hooks.clear()
-        self._tracker.remove()
-        self._state = None
+        self.runtime.remove()
         return self.model
 
     unload = detach
+
+    def get_base_model(self) -> nn.Module:
+        """The model the interventions are attached to (PEFT's ``get_base_model``), hooks left in place.
+
+        The same object as ``reft_model.model``; :meth:`detach` also removes reftlib's hooks.
+        """
+        return self.model
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory, *, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> None:
@@ -761,21 +518,7 @@ class ReftModel(nn.Module):
         return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
 
 
-def _innermost_model(model: nn.Module) -> nn.Module:
-    """The model under PEFT wrappers (``PeftModel.get_base_model()``), else ``model`` itself.
-
-    ``PeftModel.generate`` calls the wrapped model's ``generate``, which calls that model's forward
-    at each step: a hook on the wrapper would see only direct forward calls, never decoding steps.
-    """
-    get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model):
-        inner = get_base_model()
-        if isinstance(inner, nn.Module) and inner is not model:
-            return inner
-    return model
-
-
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model's config allows (``max_position_embeddings`` or its aliases), if known."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -785,13 +528,6 @@ def _max_positions(model: nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    flag = getattr(type(model), "is_activation_checkpointing", None)
-    if flag is not None:
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig | Mapping | Sequence, *, set_device: bool = True,

@@ -37,7 +37,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..components import text_config
 from ..config import ReftConfig
-from ..errors import CheckpointError, PositionError, ReftConfigError
+from ..errors import CheckpointError, ReftConfigError
 from ..model import DEFAULT_ADAPTER, ReftModel
 
 POOLING_MODES = ("first", "last", "mean")
@@ -168,13 +168,9 @@ class ReftModelForSequenceClassification(ReftModel):
     def _backbone_width(self) -> tuple[int, torch.device]:
         embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         device = embeddings.weight.device if embeddings is not None else self.device
-        state, self._state = self._state, None
-        try:
-            with torch.no_grad():
-                ids = torch.tensor([[1, 2]], device=device)
-                hidden = _last_hidden_state(self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)))
-        finally:
-            self._state = state
+        with torch.no_grad(), self.runtime.base_only():
+            ids = torch.tensor([[1, 2]], device=device)
+            hidden = _last_hidden_state(self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)))
         return int(hidden.shape[-1]), hidden.device
 
     # ------------------------------------------------------------------ forward
@@ -191,20 +187,17 @@ class ReftModelForSequenceClassification(ReftModel):
         **model_kwargs: Any,
     ) -> SequenceClassifierOutput:
         """Classify ``input_ids`` with interventions at ``unit_locations`` / ``intervention_locations``."""
-        if intervention_locations is not None:
-            if unit_locations is not None:
-                raise PositionError("give unit_locations or intervention_locations, not both")
-            unit_locations = {"sources->base": (None, intervention_locations.permute(1, 0, 2))}
         inputs = {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask)) if v is not None}
         inputs.update(model_kwargs)
         inputs.pop("num_items_in_batch", None)
         mask = self._attention_mask(inputs)
-        state = self._make_state(mask[:, -self._input_length(inputs):], unit_locations, adapter_names)
-        state.check_finite = check_finite
+        plan = self.plan_call(mask[:, -self._input_length(inputs):], unit_locations=unit_locations,
+                              intervention_locations=intervention_locations, adapter_names=adapter_names,
+                              check_finite=check_finite)
         backbone = self.backbone
-        with self._call(state):
+        with self.runtime.run(plan):
             if backbone is not self.model:
-                self._track_chunk(backbone, (), inputs)  # the bookkeeping the base model's pre-hook would do
+                self.runtime.begin_forward(inputs)  # the bookkeeping the base model's pre-hook would do
             hidden = _last_hidden_state(backbone(**inputs))
         logits = self.classifier(pool(hidden, attention_mask, self.pooling))
         loss = classification_loss(logits, labels, self.problem_type) if labels is not None else None

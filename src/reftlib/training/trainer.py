@@ -59,7 +59,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from ..errors import CheckpointError, ReftConfigError
 from ..hooks import _to_device
 from ..interventions.rotation import OrthonormalRows
-from ..model import ReftModel, _innermost_model
+from ..model import ReftModel
+from ..runtime import innermost_model
 from .classification import ReftModelForSequenceClassification, classification_loss
 from .data import IGNORE_INDEX, ReftDataCollator
 from .prefix_cache import PrefixCache
@@ -423,7 +424,7 @@ class ReftTrainerForCausalLM(ReftTrainer):
         back unchanged in shape (``None`` is returned and plain logits are used from then on if it
         does not, e.g. a model that reshapes its logits per row).
         """
-        head = _innermost_model(self.reft_model.model).get_output_embeddings() if self._head_on_supervised is None \
+        head = innermost_model(self.reft_model.model).get_output_embeddings() if self._head_on_supervised is None \
             else self._output_head
         if not isinstance(head, nn.Module):
             self._head_on_supervised = False
@@ -458,7 +459,7 @@ class ReftTrainerForCausalLM(ReftTrainer):
 
     def _accepts_logits_to_keep(self) -> bool:
         if self._logits_to_keep_supported is None:
-            base = _innermost_model(self.reft_model.model)
+            base = innermost_model(self.reft_model.model)
             self._logits_to_keep_supported = "logits_to_keep" in inspect.signature(base.forward).parameters
         return self._logits_to_keep_supported
 
