@@ -17,7 +17,9 @@ from tiny_tokenizer import tiny_tokenizer
 
 import reftlib
 from reftlib import ReftConfigError
-from reftlib.cli import TRAIN_RECORD_NAME, load_train_config, main, parse_train_config, read_records
+from reftlib.cli import main
+from reftlib.recipe import TRAIN_RECORD_NAME, load_train_config, read_records
+from reftlib.train_config import parse_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["apple", "banana split", "cherry", "date"]
@@ -209,7 +211,7 @@ def test_unexpected_failure_exits_1_with_traceback(workdir, capsys, monkeypatch)
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("reftlib.cli.train_from_config", boom)
+    monkeypatch.setattr("reftlib.recipe.train_from_config", boom)
     assert main(["train", str(workdir / "config.yaml")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: boom" in err
@@ -265,3 +267,21 @@ def test_csv_columns_are_configurable(workdir, capsys):
     path = write_config(workdir, "model: model\ndata: {path: pairs.csv}\nintervention: {layers: 1}\n", name="c2.yaml")
     assert main(["train", str(path), "--dry-run"]) == 2
     assert "data.prompt_column" in capsys.readouterr().err
+
+
+def test_old_cli_names_still_work_with_a_deprecation_warning():
+    """The names that moved to reftlib.train_config / recipe / generation stay importable for one release."""
+    import reftlib.cli
+    import reftlib.generation
+    import reftlib.recipe
+    import reftlib.train_config
+
+    for name, module in (("generate_texts", reftlib.generation), ("tokenize_prompts", reftlib.generation),
+                         ("parse_train_config", reftlib.train_config), ("TrainConfig", reftlib.train_config),
+                         ("load_train_config", reftlib.recipe), ("train_from_config", reftlib.recipe),
+                         ("load_model", reftlib.recipe), ("read_records", reftlib.recipe),
+                         ("read_examples", reftlib.recipe)):
+        with pytest.warns(DeprecationWarning, match=f"reftlib.cli.{name} moved to {module.__name__}.{name}"):
+            assert getattr(reftlib.cli, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        reftlib.cli.nope  # noqa: B018

@@ -21,6 +21,7 @@ from reftlib.training import (
     make_last_position_supervised_data_module,
     make_multiple_position_supervised_data_module,
     make_supervised_examples,
+    split_position_spec,
 )
 
 BOS, EOS, PAD = VOCAB["<s>"], VOCAB["</s>"], VOCAB["<pad>"]
@@ -105,6 +106,35 @@ def test_f_plus_l_split_first_half_f_second_half_l(tok, llama):
     )
     locs = dm["train_dataset"][0]["intervention_locations"]
     assert locs == [[0, 1, -1], [0, 1, -1], [6, 7, 8], [6, 7, 8]]
+
+
+@pytest.mark.parametrize(("spec", "share_weights", "expected"), [
+    ("f2+l3", False, ("f2", "l3")),
+    (" L3+F2 ", False, ("f2", "l3")),  # parsed like every spec: case, spaces and order do not matter
+    ("f2+l3", True, None),  # shared: every intervention gets the whole spec
+    ("l1", False, None),
+    ("f3", False, None),
+    ("all", False, None),
+])
+def test_split_position_spec(spec, share_weights, expected):
+    assert split_position_spec(spec, share_weights) == expected
+
+
+def test_split_position_spec_rejects_bad_specs():
+    with pytest.raises(PositionError, match="cannot parse position spec"):
+        split_position_spec("last")
+
+
+def test_split_halves_are_what_the_data_module_gives_each_half(tok, llama):
+    """The halves named by split_position_spec, resolved on the prompt alone, are the rows of a split spec."""
+    prompt_len = 1 + len("abcdefgh")  # BOS + 8 characters: longer than f2 + l3, so nothing overlaps
+    cols = make_supervised_examples(tok, ["abcdefgh"], ["!"], "f2+l3", num_interventions=2, share_weights=False,
+                                    max_length=64)
+    first, last = split_position_spec("f2+l3")
+    mask = torch.ones(1, prompt_len, dtype=torch.long)
+    width = len(cols["intervention_locations"][0][0])
+    expected = [reftlib.resolve_position_spec(half, mask)[0].tolist() for half in (first, last)]
+    assert cols["intervention_locations"][0] == [row + [-1] * (width - len(row)) for row in expected]
 
 
 def test_split_needs_even_number_of_interventions(tok, llama):

@@ -10,6 +10,7 @@ Typical use (pyreft's names)::
     reft_model.save_pretrained("out")
 
 See :mod:`reftlib.training.data` for how examples and positions are built,
+:mod:`reftlib.training.collator` for how they are padded into batches,
 :mod:`reftlib.training.trainer` for what the trainers change, and
 :mod:`reftlib.training.classification` for sequence classification with a trainable head.
 """
@@ -30,6 +31,7 @@ from .data import (
     make_last_position_supervised_data_module,
     make_multiple_position_supervised_data_module,
     make_supervised_examples,
+    split_position_spec,
 )
 from .prefix_cache import PrefixCache
 from .trainer import (
@@ -60,4 +62,5 @@ __all__ = [
     "make_multiple_position_supervised_data_module",
     "make_supervised_examples",
     "refresh_intervention_caches",
+    "split_position_spec",
 ]

@@ -24,6 +24,7 @@ How an example is built
   with ``share_weights=False`` and a spec with both parts, the first half of the interventions
   gets the ``f`` positions and the second half the ``l`` positions (``num_interventions`` must
   be even); with ``share_weights=True`` every intervention gets ``f`` + ``l``.
+  :func:`split_position_spec` states this rule for everything else that needs it.
 * **Length.** Examples longer than ``max_length`` (default: ``tokenizer.model_max_length``
   capped at the model's ``max_position_embeddings``) lose output tokens first (EOS included).
   When the prompt alone does not fit (it needs ``max_length - 1`` tokens at most, so that at
@@ -31,28 +32,29 @@ How an example is built
   :class:`~reftlib.errors.InputError` naming the example; ``long_prompt="truncate_left"`` keeps
   the leading special tokens and the *end* of the prompt (positions are computed on what is kept).
 
-:class:`ReftDataCollator` pads a batch (right padding by default, positions unchanged; left
-padding shifts the positions) and builds the attention mask from the true lengths, so a real
-token whose id equals the pad id is never masked.
+:class:`~reftlib.training.collator.ReftDataCollator` (in :mod:`reftlib.training.collator`,
+importable from here too) pads a batch; the builders return one as ``data_collator``. Prompt
+tokenization is shared with generation (:func:`reftlib.generation.encode_prompts`), so that a
+position such as ``"l1"`` means the same token when the trained interventions generate.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from ..errors import InputError, PositionError
-from ..model import max_positions
+from ..generation import encode_prompts
+from ..model import _max_positions
 from ..positions import parse_position_spec, resolve_position_spec
+from .collator import IGNORE_INDEX, ReftDataCollator
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-_PAD_POSITION = -1
+_PAD_POSITION = -1  # an unused position slot (reftlib.positions' convention)
 _CHUNK = 4096  # examples per vectorized position computation
 
 LongPrompt = Literal["error", "truncate_left"]
@@ -67,6 +69,7 @@ __all__ = [
     "make_last_position_supervised_data_module",
     "make_multiple_position_supervised_data_module",
     "make_supervised_examples",
+    "split_position_spec",
 ]
 
 
@@ -115,38 +118,11 @@ def _ids_of(encoded: Any) -> list[list[int]]:
     return [list(row) for row in ids]
 
 
-def _leading_special_ids(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer puts *before* a text (e.g. ``[bos]``; ``[]`` for GPT-2)."""
-    probe = "a"
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-    if not plain:
-        return []
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return full[:start]
-    return []
-
-
-def _tokenize_prompts(tokenizer: Any, prompts: list[str]) -> tuple[list[list[int]], list[int], list[int]]:
-    """``(prompt ids with leading specials, number of leading special ids, body lengths)``."""
-    prefix = _leading_special_ids(tokenizer)
-    bodies = _ids_of(tokenizer(prompts, add_special_tokens=False)) if prompts else []
-    ids, n_prefix, body_lengths = [], [], []
-    for body in bodies:
-        if prefix and body[:len(prefix)] == prefix:  # already templated with BOS: keep a single one
-            body = body[len(prefix):]
-        ids.append(prefix + body)
-        n_prefix.append(len(prefix))
-        body_lengths.append(len(body))
-    return ids, n_prefix, body_lengths
-
-
 def default_max_length(tokenizer: Any, model: Any = None) -> int:
     """``tokenizer.model_max_length`` capped at the model's ``max_position_embeddings`` (when known)."""
     limit = getattr(tokenizer, "model_max_length", None)
     limit = int(limit) if isinstance(limit, int) and 0 < limit < 10**9 else None
-    positions = max_positions(model) if model is not None else None
+    positions = _max_positions(model) if model is not None else None
     if positions is not None:
         limit = positions if limit is None else min(limit, positions)
     if limit is None:
@@ -158,6 +134,23 @@ def default_max_length(tokenizer: Any, model: Any = None) -> int:
 
 
 # --------------------------------------------------------------------------- positions
+def split_position_spec(spec: str, share_weights: bool = False) -> tuple[str, str] | None:
+    """The ``("f<n>", "l<m>")`` halves of a two-part spec whose parts go to different interventions, else None.
+
+    pyreft's convention for ``"f<n>+l<m>"`` with ``share_weights=False``: the first half of the
+    interventions acts on the first ``n`` prompt tokens and the second half on the last ``m``
+    (configs list each layer twice). Returns ``None`` when nothing is split: ``share_weights=True``
+    (every intervention gets the whole spec), a one-part spec (``"l1"``, ``"f3"``) or ``"all"``.
+    The data modules, ``reftlib train`` (:class:`reftlib.train_config.TrainConfig`) and the
+    positions saved with trained interventions all follow this one rule. An unparsable spec
+    raises :class:`~reftlib.errors.PositionError`.
+    """
+    parsed = parse_position_spec(spec)
+    if share_weights or parsed is None or not (parsed[0] and parsed[1]):
+        return None
+    return f"f{parsed[0]}", f"l{parsed[1]}"
+
+
 def _spec_columns(spec: str, prompt_lengths: list[int]) -> tuple[torch.Tensor | None, int, int]:
     """Positions ``[n_examples, n_first + n_last]`` for a spec, computed on each prompt's tokens."""
     parsed = parse_position_spec(spec)
@@ -187,7 +180,7 @@ def _spec_locations(spec: str, prompt_lengths: list[int], num_interventions: int
         width = max(prompt_lengths, default=0)
         return [[_pad_row(list(range(n)), width)] * num_interventions for n in prompt_lengths]
     rows = columns.tolist()
-    if share_weights or not (n_first and n_last):
+    if split_position_spec(spec, share_weights) is None:
         return [[row] * num_interventions for row in rows]
     if num_interventions % 2:
         raise PositionError(
@@ -278,7 +271,7 @@ def make_supervised_examples(
     if not nonstop and eos is None:
         raise InputError("the tokenizer has no eos_token; set tokenizer.eos_token or pass nonstop=True")
 
-    prompt_ids, n_prefix, body_lengths = _tokenize_prompts(tokenizer, prompts)
+    prompt_ids, n_prefix, body_lengths = encode_prompts(tokenizer, prompts)
     output_ids = _ids_of(tokenizer(answers, add_special_tokens=False))
     shifts = [0] * len(prompts)
     all_ids, all_labels, prompt_lengths = [], [], []
@@ -443,132 +436,3 @@ def make_classification_data_module(
             targets[i] = target.tolist()
     columns = {"input_ids": ids, "labels": targets, "intervention_locations": locations}
     return {"train_dataset": _dataset(columns), "eval_dataset": None, "data_collator": collator}
-
-
-# --------------------------------------------------------------------------- collator
-@dataclass
-class ReftDataCollator:
-    """Pad a list of examples into tensors: ``input_ids``, ``attention_mask``, ``labels``, ``intervention_locations``.
-
-    * ``input_ids`` are padded with the tokenizer's pad id (an :class:`~reftlib.errors.InputError`
-      tells how to set one when it is missing); ``attention_mask`` comes from each example's
-      true length (or its own ``attention_mask``), never from comparing ids with the pad id.
-    * Token-level ``labels`` are padded with ``-100``; per-example labels (classification) are
-      stacked. ``token_level_labels=None`` decides from the data (labels as long as the ids).
-    * ``intervention_locations`` (``[num_interventions, n]`` per example) are padded with ``-1``
-      to ``[batch, num_interventions, max_n]``.
-    * ``padding_side="right"`` (training default) keeps positions as they are; ``"left"`` shifts
-      every non-padding position by the row's padding.
-
-    ``data_collator=`` is accepted for pyreft compatibility (``ReftDataCollator(data_collator=
-    DataCollatorForSeq2Seq(tokenizer, ...))``): only its tokenizer and ``pad_to_multiple_of`` are used.
-    """
-
-    tokenizer: Any = None
-    data_collator: Any = None
-    padding_side: Literal["right", "left"] = "right"
-    pad_to_multiple_of: int | None = None
-    pad_token_id: int | None = None
-    label_pad_token_id: int = IGNORE_INDEX
-    token_level_labels: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.tokenizer is None and self.data_collator is not None:
-            self.tokenizer = getattr(self.data_collator, "tokenizer", None)
-            if self.pad_to_multiple_of is None:
-                self.pad_to_multiple_of = getattr(self.data_collator, "pad_to_multiple_of", None)
-        if self.padding_side not in ("right", "left"):
-            raise InputError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-        if self.pad_token_id is None:
-            if self.tokenizer is None:
-                raise InputError("ReftDataCollator needs a tokenizer (for its pad token) or pad_token_id=")
-            self.pad_token_id = getattr(self.tokenizer, "pad_token_id", None)
-            if self.pad_token_id is None:
-                raise InputError(
-                    "the tokenizer has no pad token; set one before building the data module, e.g. "
-                    "`tokenizer.pad_token = tokenizer.eos_token` (the attention mask is built from lengths, so "
-                    "padding with a real token id is safe)"
-                )
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise InputError("cannot collate an empty batch")
-        ids = [torch.as_tensor(f["input_ids"], dtype=torch.long).reshape(-1) for f in features]
-        lengths = [len(row) for row in ids]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(features)
-        left = self.padding_side == "left"
-        offsets = [width - n if left else 0 for n in lengths]
-
-        out: dict[str, torch.Tensor] = {}
-        input_ids = torch.full((batch, width), int(self.pad_token_id), dtype=torch.long)
-        attention_mask = torch.zeros((batch, width), dtype=torch.long)
-        for i, (row, off) in enumerate(zip(ids, offsets)):
-            input_ids[i, off:off + len(row)] = row
-            given = features[i].get("attention_mask")
-            attention_mask[i, off:off + len(row)] = 1 if given is None else torch.as_tensor(given, dtype=torch.long)
-        out["input_ids"], out["attention_mask"] = input_ids, attention_mask
-
-        first = features[0]
-        if "labels" in first and first["labels"] is not None:
-            out["labels"] = self._labels(features, lengths, offsets, width)
-        if "intervention_locations" in first:
-            out["intervention_locations"] = self._locations(features, offsets)
-        if "token_type_ids" in first:
-            types = torch.zeros((batch, width), dtype=torch.long)
-            for i, (f, off) in enumerate(zip(features, offsets)):
-                types[i, off:off + lengths[i]] = torch.as_tensor(f["token_type_ids"], dtype=torch.long)
-            out["token_type_ids"] = types
-        handled = {"input_ids", "attention_mask", "labels", "intervention_locations", "token_type_ids"}
-        for key in first:
-            if key in handled:
-                continue
-            values = [f[key] for f in features]
-            try:
-                out[key] = torch.as_tensor(values) if not isinstance(values[0], torch.Tensor) else torch.stack(values)
-            except (TypeError, ValueError, RuntimeError):
-                out[key] = values  # e.g. strings: kept as a list
-        return out
-
-    def _labels(self, features, lengths, offsets, width) -> torch.Tensor:
-        values = [f["labels"] for f in features]
-        token_level = self.token_level_labels
-        if token_level is None:
-            token_level = all(
-                not isinstance(v, (int, float)) and getattr(v, "ndim", 1) == 1 and len(v) == n
-                for v, n in zip(values, lengths)
-            )
-        if not token_level:
-            return torch.as_tensor(values) if not isinstance(values[0], torch.Tensor) else torch.stack(values)
-        labels = torch.full((len(values), width), self.label_pad_token_id, dtype=torch.long)
-        for i, (value, off) in enumerate(zip(values, offsets)):
-            row = torch.as_tensor(value, dtype=torch.long).reshape(-1)
-            if len(row) != lengths[i]:
-                raise InputError(f"example {i}: labels have {len(row)} entries but input_ids have {lengths[i]}")
-            labels[i, off:off + len(row)] = row
-        return labels
-
-    @staticmethod
-    def _locations(features, offsets) -> torch.Tensor:
-        rows = [torch.as_tensor(f["intervention_locations"], dtype=torch.long) for f in features]
-        for i, row in enumerate(rows):
-            if row.dim() == 1:
-                rows[i] = row = row.unsqueeze(0)
-            if row.dim() != 2:
-                raise PositionError(
-                    f"example {i}: intervention_locations must be [num_interventions, n_positions], "
-                    f"got shape {tuple(row.shape)}"
-                )
-        counts = {row.shape[0] for row in rows}
-        if len(counts) != 1:
-            raise PositionError(f"examples in one batch have different numbers of interventions: {sorted(counts)}")
-        n_pos = max(row.shape[1] for row in rows)
-        out = torch.full((len(rows), rows[0].shape[0], n_pos), _PAD_POSITION, dtype=torch.long)
-        for i, (row, off) in enumerate(zip(rows, offsets)):
-            if off:
-                row = torch.where(row >= 0, row + off, row)
-            out[i, :, :row.shape[1]] = row
-        return out
-
