@@ -272,3 +272,261 @@ def test_format_version_1_rotations_are_converted(tmp_path):
     torch.testing.assert_close(loaded.interventions["layer_1_block_output"].rotate_layer.weight, rotation,
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(loaded), reference, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- save_pretrained arguments (PEFT's)
+def _three_adapters():
+    reft_model = _trained()
+    for name, layer in (("b", 2), ("c", 0)):
+        reft_model.add_adapter(name, reftlib.ReftConfig(representations=[
+            {"layer": layer, "component": "block_output", "intervention": reftlib.LoreftIntervention(low_rank_dimension=2)}
+        ]))
+    randomize(reft_model, seed=5)
+    return reft_model
+
+
+def _saved_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "reft_model.safetensors"))
+
+
+def test_selected_adapters_are_the_ones_written(tmp_path):
+    reft_model = _three_adapters()
+    reft_model.save_pretrained(tmp_path / "bc", selected_adapters=["b", "c"])
+    index = json.loads((tmp_path / "bc" / "reft_adapters.json").read_text())
+    assert index["adapters"] == {"b": ".", "c": "c"}  # no "default": the first selected one is at the root
+    assert sorted(p.name for p in (tmp_path / "bc").iterdir()) == [
+        "c", "reft_adapters.json", "reft_config.json", "reft_model.safetensors"]
+    loaded = reftlib.ReftModel.from_pretrained(tmp_path / "bc", tiny_model("llama"))
+    assert loaded.adapter_names == ["b", "c"]
+    for name in ("b", "c"):
+        for key, value in loaded.adapters[name].state_dict().items():
+            assert torch.equal(value, reft_model.adapters[name].state_dict()[key])
+
+    reft_model.save_pretrained(tmp_path / "c", selected_adapters=["c"])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "reft_adapters.json", "reft_config.json", "reft_model.safetensors"]
+    assert reftlib.ReftModel.from_pretrained(tmp_path / "c", tiny_model("llama")).adapter_names == ["c"]
+
+    reft_model.save_pretrained(tmp_path / "alias", adapter_names=["c"])  # the older name still works
+    assert reftlib.ReftModel.from_pretrained(tmp_path / "alias", tiny_model("llama")).adapter_names == ["c"]
+    with pytest.raises(reftlib.ReftConfigError, match="not both"):
+        reft_model.save_pretrained(tmp_path / "both", selected_adapters=["b"], adapter_names=["c"])
+    with pytest.raises(reftlib.AdapterError, match="'nope'"):
+        reft_model.save_pretrained(tmp_path / "bad", selected_adapters=["b", "nope"])
+    assert not (tmp_path / "both").exists() and not (tmp_path / "bad").exists()
+
+
+def test_is_main_process_false_writes_nothing(tmp_path):
+    reft_model = _three_adapters()
+    reft_model.save_pretrained(tmp_path / "other_rank", is_main_process=False)
+    assert not (tmp_path / "other_rank").exists()
+    reft_model.save_pretrained(tmp_path / "kept")
+    before = {p: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()}
+    with torch.no_grad():
+        for p in reft_model.adapters.parameters():
+            p.add_(1.0)
+    reft_model.save_pretrained(tmp_path / "kept", is_main_process=False)
+    assert {p: p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()} == before
+
+
+def test_state_dict_weights_are_saved_instead_of_the_live_ones(tmp_path):
+    reft_model = _three_adapters()
+    live = {name: {k: v.clone() for k, v in reft_model.adapters[name].state_dict().items()}
+            for name in reft_model.adapter_names}
+    full = {k: v.detach().clone() for k, v in reft_model.state_dict().items()}
+    assert any(k.startswith("model.") for k in full)  # base weights, to be ignored
+    for key in full:
+        if key.startswith("adapters."):
+            full[key] = (full[key].float() * 2 + 1).to(torch.float64)  # other values, in another dtype
+    reft_model.save_pretrained(tmp_path, state_dict=full)
+    for name, folder in (("default", tmp_path), ("b", tmp_path / "b"), ("c", tmp_path / "c")):
+        saved = _saved_tensors(folder)
+        assert set(saved) == set(live[name])
+        for key, value in saved.items():
+            assert value.dtype == live[name][key].dtype  # as the config says (one intervention is bf16)
+            assert torch.equal(value, full[reftlib.io.state_dict_key(name, key)].to(value.dtype))
+            assert not torch.equal(value, live[name][key])
+    for name in reft_model.adapter_names:  # the live modules were only read
+        for key, value in reft_model.adapters[name].state_dict().items():
+            assert torch.equal(value, live[name][key])
+
+    partial = {k: v for k, v in full.items() if not k.startswith("adapters.c.")}
+    with pytest.raises(reftlib.ReftConfigError, match="no tensors of adapter 'c'"):
+        reft_model.save_pretrained(tmp_path / "partial", state_dict=partial)
+    wrong = dict(full)
+    wrong["adapters.b.layer_2_block_output.learned_source.bias"] = torch.zeros(5)
+    with pytest.raises(reftlib.ReftConfigError, match="shape"):
+        reft_model.save_pretrained(tmp_path / "wrong", state_dict=wrong)
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "wrong").exists()
+    reft_model.save_pretrained(tmp_path / "only_b", selected_adapters=["b"], state_dict=partial)  # c not needed
+
+
+def test_unknown_save_arguments_are_refused(tmp_path):
+    reft_model = _trained()
+    with pytest.raises(reftlib.ReftConfigError, match="max_shard_size.*selected_adapters.*is_main_process"):
+        reft_model.save_pretrained(tmp_path / "a", max_shard_size="1GB")
+    with pytest.raises(reftlib.ReftConfigError, match="only safetensors"):
+        reft_model.save_pretrained(tmp_path / "b", safe_serialization=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    reft_model.save_pretrained(tmp_path / "c", safe_serialization=True)
+    assert (tmp_path / "c" / "reft_model.safetensors").is_file()
+
+
+def test_get_base_model():
+    model = tiny_model("llama")
+    reft_model = reftlib.get_reft_model(model, [{"layer": 1, "intervention": reftlib.LoreftIntervention(low_rank_dimension=2)}])
+    assert reft_model.get_base_model() is model
+
+
+def test_get_and_set_adapter_state_dict_round_trip(tmp_path):
+    source = _three_adapters()
+    state = reftlib.get_adapter_state_dict(source, "b")
+    assert set(state) == set(source.adapters["b"].state_dict())
+    source.save_pretrained(tmp_path)
+    assert set(reftlib.get_adapter_state_dict(source)) == set(_saved_tensors(tmp_path))  # the file's names
+    target = _three_adapters()
+    randomize(target, seed=11)
+    params = {k: id(v) for k, v in target.adapters["b"].named_parameters()}
+    reftlib.set_adapter_state_dict(target, "b", state)
+    for key, value in target.adapters["b"].state_dict().items():
+        assert torch.equal(value, state[key])
+    assert {k: id(v) for k, v in target.adapters["b"].named_parameters()} == params  # in place
+    for model in (source, target):
+        model.set_adapter(["default", "b", "c"])
+    reftlib.set_adapter_state_dict(target, "default", source.state_dict())  # a full state dict works too
+    assert not torch.equal(_logits(target), _logits(source))  # adapter c still differs
+    reftlib.set_adapter_state_dict(target, "c", source.state_dict())
+    assert torch.equal(_logits(target), _logits(source))
+    # the full-state-dict form of get_adapter_state_dict returns the same tensors
+    from_full = reftlib.get_adapter_state_dict(source, "c", state_dict=source.state_dict())
+    assert all(torch.equal(from_full[k], v) for k, v in reftlib.get_adapter_state_dict(source, "c").items())
+
+    before = {k: v.clone() for k, v in target.adapters["b"].state_dict().items()}
+    broken = dict(state)
+    broken.pop(next(iter(broken)))
+    with pytest.raises(reftlib.CheckpointError, match="missing"):
+        reftlib.set_adapter_state_dict(target, "b", broken)
+    assert all(torch.equal(v, before[k]) for k, v in target.adapters["b"].state_dict().items())
+    with pytest.raises(reftlib.AdapterError, match="'nope'"):
+        reftlib.get_adapter_state_dict(target, "nope")
+
+
+# --------------------------------------------------------------------------- classification head options
+def _classifier():
+    from reftlib.training import get_reft_model_for_sequence_classification
+
+    torch.manual_seed(0)
+    reps = [{"layer": 1, "intervention": reftlib.LoreftIntervention(low_rank_dimension=2)}]
+    reft_model = get_reft_model_for_sequence_classification(
+        tiny_model("llama"), reps, num_labels=3, pooling="mean", problem_type="multi_label_classification",
+        classifier_dropout=0.25)
+    randomize(reft_model)
+    with torch.no_grad():
+        reft_model.classifier.out_proj.weight.normal_()
+    return reft_model.eval()
+
+
+def _classify(reft_model):
+    with torch.no_grad():
+        return reft_model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits
+
+
+def test_classification_head_options_are_saved_by_name(tmp_path):
+    from reftlib.training import ReftModelForSequenceClassification
+
+    reft_model = _classifier()
+    reft_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "reft_config.json").read_text())
+    assert config["extra"] == {"classifier": {"num_labels": 3, "pooling": "mean",
+                                              "problem_type": "multi_label_classification", "dropout": 0.25}}
+    assert sorted(k for k in _saved_tensors(tmp_path) if k.startswith("__extra__.")) == [
+        "__extra__.classifier.out_proj.bias", "__extra__.classifier.out_proj.weight"]
+    loaded = ReftModelForSequenceClassification.from_pretrained(tmp_path, tiny_model("llama"))
+    assert (loaded.num_labels, loaded.pooling, loaded.problem_type) == (3, "mean", "multi_label_classification")
+    assert loaded.classifier.dropout.p == 0.25
+    assert torch.equal(_classify(loaded), _classify(reft_model))
+
+    # the head's tensors come from a full state dict as well
+    full = {k: v.clone() for k, v in reft_model.state_dict().items()}
+    full["classifier.out_proj.bias"] = full["classifier.out_proj.bias"] + 1
+    reft_model.save_pretrained(tmp_path / "full", state_dict=full)
+    assert torch.equal(_saved_tensors(tmp_path / "full")["__extra__.classifier.out_proj.bias"],
+                       full["classifier.out_proj.bias"])
+
+
+def test_classification_file_with_option_codes_still_loads(tmp_path):
+    """Files written before the options were stored by name held them as indices in a tensor."""
+    from safetensors.torch import save_file
+
+    from reftlib.training import ReftModelForSequenceClassification
+
+    reft_model = _classifier()
+    reft_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "reft_config.json").read_text())
+    del config["extra"]
+    tensors = _saved_tensors(tmp_path)
+    tensors["__extra__.classifier.config"] = torch.tensor([3, 2, 2])  # num_labels, "mean", "multi_label_..."
+    text = json.dumps(config)
+    save_file(tensors, str(tmp_path / "reft_model.safetensors"), metadata={"format": "pt", "reftlib_config": text})
+    (tmp_path / "reft_config.json").write_text(text)
+    loaded = ReftModelForSequenceClassification.from_pretrained(tmp_path, tiny_model("llama"))
+    assert (loaded.num_labels, loaded.pooling, loaded.problem_type) == (3, "mean", "multi_label_classification")
+    assert torch.equal(_classify(loaded), _classify(reft_model))
+
+    config["extra"] = {"classifier": {"num_labels": 3, "pooling": "median", "problem_type": "regression"}}
+    _rewrite_config(tmp_path, lambda c: c.update(extra=config["extra"]))
+    with pytest.raises(reftlib.CheckpointError, match="pooling='median'"):
+        ReftModelForSequenceClassification.from_pretrained(tmp_path, tiny_model("llama"))
+
+
+# --------------------------------------------------------------------------- format version on every read path
+def _make_newer(folder, what):
+    if what == "index":
+        index = json.loads((folder / "reft_adapters.json").read_text())
+        index["format_version"] = 99
+        (folder / "reft_adapters.json").write_text(json.dumps(index))
+    else:
+        _rewrite_config(folder, lambda c: c.update(format_version=99))
+
+
+@pytest.mark.parametrize("what", ["index", "config"])
+def test_newer_format_is_refused_on_every_read_path(tmp_path, capsys, what):
+    from reftlib.cli import describe_folder, main
+    from reftlib.training import load_intervention_weights
+
+    reft_model = _three_adapters()
+    reft_model.save_pretrained(tmp_path)
+    _make_newer(tmp_path, what)
+    with pytest.raises(reftlib.CheckpointError, match="newer reftlib"):
+        reftlib.ReftModel.from_pretrained(tmp_path, tiny_model("llama"))
+    fresh = reftlib.get_reft_model(tiny_model("llama"), [{"layer": 0, "intervention": reftlib.LoreftIntervention(low_rank_dimension=2)}],
+                                   adapter_name="mine")
+    with pytest.raises(reftlib.CheckpointError, match="newer reftlib"):
+        fresh.load_adapter(tmp_path, adapter_name="default")
+    before = {k: v.clone() for k, v in reft_model.state_dict().items() if k.startswith("adapters.")}
+    with pytest.raises(reftlib.CheckpointError, match="newer reftlib"):  # what the trainer's resume calls
+        load_intervention_weights(reft_model, tmp_path)
+    assert all(torch.equal(reft_model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(reftlib.CheckpointError, match="newer reftlib"):
+        describe_folder(tmp_path)
+    assert main(["info", str(tmp_path)]) == 2
+    assert "newer reftlib" in capsys.readouterr().err
+
+
+def test_trainer_save_takes_a_gathered_state_dict(tmp_path):
+    from transformers import TrainingArguments
+
+    from reftlib.training import ReftTrainer
+
+    reft_model = _trained()
+    trainer = ReftTrainer(model=reft_model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                                                    use_cpu=True))
+    full = {k: v.clone() + 1 if k.startswith("adapters.") else v for k, v in reft_model.state_dict().items()}
+    trainer._save(str(tmp_path / "gathered"), state_dict=full)
+    trainer._save(str(tmp_path / "placeholder"), state_dict={})  # DeepSpeed's stand-in: the live weights
+    for key, value in _saved_tensors(tmp_path / "gathered").items():
+        assert torch.equal(value, full[reftlib.io.state_dict_key("default", key)])
+    live = reftlib.get_adapter_state_dict(reft_model)
+    assert all(torch.equal(v, live[k]) for k, v in _saved_tensors(tmp_path / "placeholder").items())

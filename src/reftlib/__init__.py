@@ -27,6 +27,7 @@ from .interventions import (
     register_intervention,
     registered_interventions,
 )
+from .io import get_adapter_state_dict, set_adapter_state_dict
 from .model import ReftModel, get_reft_model
 from .positions import last_position, parse_position_spec, resolve_position_spec
 
@@ -74,6 +75,7 @@ __all__ = [
     "ReftModel",
     "RepresentationConfig",
     "describe_structure",
+    "get_adapter_state_dict",
     "get_reft_model",
     "last_position",
     "parse_position_spec",
@@ -82,4 +84,5 @@ __all__ = [
     "registered_interventions",
     "resolve_position_spec",
     "resolve_site",
+    "set_adapter_state_dict",
 ]

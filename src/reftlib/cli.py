@@ -120,22 +120,18 @@ def _generation_model(args: argparse.Namespace, folder: Path, record: Mapping[st
 
 
 def _check_interventions_folder(folder: Path) -> None:
-    from .io import INDEX_NAME, WEIGHTS_NAME
+    from .io import WEIGHTS_NAME, holds_adapters
 
-    pyreft = (folder / "config.json").is_file() and any(folder.glob("intkey_*.bin"))
-    if not ((folder / WEIGHTS_NAME).is_file() or (folder / INDEX_NAME).is_file() or pyreft):
+    if not holds_adapters(folder):
         raise ReftConfigError(f"{folder} holds no {WEIGHTS_NAME}; pass a folder written by `reftlib train` or "
                               "save_pretrained (not the base model's folder: give that one as --model)")
 
 
 def _saved_base_model(folder: Path) -> str | None:
-    from .io import read_adapter
+    from .io import read_adapter_config, saved_adapters
 
-    try:
-        config, _ = read_adapter(folder)
-    except ReftError:
-        return None
-    return config.get("base_model_name_or_path")
+    saved_adapters(folder)  # a corrupted or newer index fails here, with its reason
+    return read_adapter_config(folder).get("base_model_name_or_path")
 
 
 def _columns(left: str, right: str, width: int) -> list[str]:
@@ -211,23 +207,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 # =============================================================================== info
 def describe_folder(path: str | os.PathLike) -> dict[str, Any]:
     """What a saved interventions folder holds, without loading any model (``reftlib info``)."""
-    from .io import INDEX_NAME, read_adapter
+    from .io import read_adapter, saved_adapters, split_extra
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ReftConfigError(f"{folder} is not a folder; pass a folder written by save_pretrained or reftlib train")
-    subfolders: dict[str, str] = {"default": "."}
-    active: list[str] = ["default"]
-    if (folder / INDEX_NAME).is_file():
-        try:
-            index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
-            subfolders = dict(index["adapters"])
-            active = list(index.get("active") or list(subfolders)[:1])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ReftConfigError(f"{folder / INDEX_NAME} is corrupted ({exc})") from None
+    subfolders, active = saved_adapters(folder)  # version-checked, like every read below
     adapters = []
     for name, sub in subfolders.items():
-        config, tensors = read_adapter(folder / sub)
+        config, saved = read_adapter(folder / sub)
+        tensors, extra_tensors = split_extra(saved)
         rows = []
         for rep in config.get("representations", []):
             key = rep.get("name") or f"layer_{rep.get('layer')}_{rep.get('component')}"
@@ -239,7 +228,7 @@ def describe_folder(path: str | os.PathLike) -> dict[str, Any]:
                          "dtype": iv.get("dtype"), "parameters": params,
                          "options": {k: v for k, v in iv.items()
                                      if k not in ("type", "low_rank_dimension", "embed_dim", "dtype")}})
-        extra = sum(t.numel() for k, t in tensors.items() if k.startswith("__extra__.") and t.is_floating_point())
+        extra = sum(t.numel() for t in extra_tensors.values() if t.is_floating_point())
         adapters.append({"name": name, "folder": sub, "active": name in active,
                          "base_model": config.get("base_model_name_or_path"),
                          "base_model_type": config.get("base_model_type"), "interventions": rows,

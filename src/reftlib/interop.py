@@ -46,6 +46,7 @@ from .config import COMPONENTS, FORMAT_NAME, FORMAT_VERSION, ReftConfig
 from .errors import CheckpointError, ReftConfigError
 from .interventions.base import dtype_from_name, dtype_name
 from .interventions.rotation import raw_from_columns
+from .io import PYREFT_CONFIG_NAME, attach_adapter, is_pyreft_folder, write_adapter_files
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ __all__ = [
     "is_pyreft_folder",
     "read_pyreft_folder",
 ]
-
-PYREFT_CONFIG_NAME = "config.json"
 
 #: pyreft intervention class (full dotted name) -> reftlib intervention type.
 PYREFT_INTERVENTION_TYPES: dict[str, str] = {
@@ -92,13 +91,6 @@ _REPRESENTATION_FIELDS = (
 _BOOKKEEPING_KEYS = {"embed_dim", "interchange_dim"}  # pyvene buffers, not parameters
 _ROTATION_PREFIX = "rotate_layer"
 _PARAMETRIZED = ("rotate_layer.parametrizations.weight.original", "rotate_layer.parametrizations.weight.0.base")
-
-
-# --------------------------------------------------------------------------- detection
-def is_pyreft_folder(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` looks like a pyreft/pyvene save (``config.json`` + ``intkey_*.bin``)."""
-    directory = Path(directory)
-    return (directory / PYREFT_CONFIG_NAME).is_file() and any(directory.glob("intkey_*.bin"))
 
 
 # --------------------------------------------------------------------------- reading
@@ -493,23 +485,19 @@ def convert_pyreft_checkpoint(
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a folder; choose another destination")
     if model is not None:
-        from .io import _attach
         from .model import ReftModel
 
         flags = [(p, p.requires_grad) for p in model.parameters()]
         reft_model = ReftModel(model)
         try:
-            _attach(reft_model, "default", config, tensors, False, src)
+            attach_adapter(reft_model, "default", config, tensors, where=src)
             reft_model.save_pretrained(dst)
         finally:
             reft_model.detach()
             for param, flag in flags:
                 param.requires_grad_(flag)
         return dst
-    from safetensors.torch import save as safetensors_dumps
-
     from .config import intervention_from_config
-    from .io import _METADATA_KEY, CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 
     try:
         canonical = ReftConfig.from_dict(config)  # builds every intervention: validates the config
@@ -521,8 +509,5 @@ def convert_pyreft_checkpoint(
         modules.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"cannot convert {src}: tensors do not match the config ({exc})") from exc
-    text = json.dumps(canonical.to_dict(), indent=2)
-    state = {k: v.detach().contiguous() for k, v in modules.state_dict().items()}
-    atomic_write_bytes(dst / WEIGHTS_NAME, safetensors_dumps(state, metadata={"format": "pt", _METADATA_KEY: text}))
-    atomic_write_bytes(dst / CONFIG_NAME, (text + "\n").encode())
+    write_adapter_files(dst, canonical.to_dict(), modules.state_dict())
     return dst

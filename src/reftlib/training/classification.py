@@ -16,8 +16,10 @@ Losses follow Hugging Face's ``problem_type``: ``num_labels == 1`` is regression
 integer labels single-label classification (cross-entropy, ``-100`` ignored), and
 ``problem_type="multi_label_classification"`` binary cross-entropy on 0/1 label vectors.
 
-The head is saved and loaded with the interventions (in ``reft_model.safetensors`` under the
-``__extra__.`` prefix, through :meth:`extra_state_dict` / :meth:`load_extra_state_dict`)::
+The head is saved and loaded with the interventions: its tensors in ``reft_model.safetensors``
+under the ``__extra__.`` prefix, its options (``num_labels``, ``pooling``, ``problem_type``,
+``dropout``) by name in the config's ``"extra"`` entry (through :meth:`extra_state_dict`,
+:meth:`extra_config` and :meth:`load_extra_state_dict`)::
 
     reft_model = get_reft_model_for_sequence_classification(model, config, num_labels=3)
     ...  # train with ReftTrainerForSequenceClassification
@@ -42,7 +44,7 @@ from ..model import DEFAULT_ADAPTER, ReftModel
 
 POOLING_MODES = ("first", "last", "mean")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
-_HEAD_CONFIG_KEY = "classifier.config"
+_HEAD_CONFIG_KEY = "classifier.config"  # the head options as indices, in files saved before they were stored by name
 
 __all__ = [
     "POOLING_MODES",
@@ -205,27 +207,42 @@ class ReftModelForSequenceClassification(ReftModel):
 
     # ------------------------------------------------------------------ persistence
     def extra_state_dict(self) -> dict[str, torch.Tensor]:
-        """The head's tensors plus ``[num_labels, pooling, problem_type]`` codes (saved with the interventions)."""
-        head = self._modules["classifier"]
-        tensors = {f"classifier.{k}": v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-        tensors[_HEAD_CONFIG_KEY] = torch.tensor(
-            [head.num_labels, POOLING_MODES.index(self.pooling), PROBLEM_TYPES.index(self.problem_type)]
-        )
-        return tensors
+        """The head's tensors, saved with the interventions (under ``__extra__.``).
 
-    def load_extra_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Restore the head saved by :meth:`extra_state_dict` (rebuilding it if its size differs)."""
-        if _HEAD_CONFIG_KEY not in tensors:
+        They are named as in ``reft_model.state_dict()`` (``classifier.out_proj.weight``, ...), so
+        ``save_pretrained(state_dict=...)`` takes them from a gathered full state dict too.
+        """
+        head = self._modules["classifier"]
+        return {f"classifier.{k}": v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+
+    def extra_config(self) -> dict[str, Any]:
+        """The head's options by name (saved in the config's ``"extra"`` entry, as JSON)."""
+        head = self._modules["classifier"]
+        return {"classifier": {"num_labels": head.num_labels, "pooling": self.pooling,
+                               "problem_type": self.problem_type, "dropout": head.dropout.p}}
+
+    def load_extra_state_dict(self, tensors: Mapping[str, torch.Tensor],
+                              config: Mapping[str, Any] | None = None) -> None:
+        """Restore the head saved by :meth:`extra_state_dict` / :meth:`extra_config` (rebuilt if its size differs).
+
+        Files written before the options were saved by name hold them as a tensor of indices
+        (``classifier.config`` = ``[num_labels, pooling index, problem_type index]``); those still load.
+        """
+        options = _head_options(tensors, config)
+        if options is None:
             return
-        num_labels, pooling, problem = (int(x) for x in tensors[_HEAD_CONFIG_KEY].tolist())
-        self.pooling, self.problem_type = POOLING_MODES[pooling], PROBLEM_TYPES[problem]
         weights = {k.removeprefix("classifier."): v for k, v in tensors.items()
                    if k.startswith("classifier.") and k != _HEAD_CONFIG_KEY}
+        if "out_proj.weight" not in weights:
+            raise CheckpointError(f"the saved classification head has no weights (tensors: {sorted(tensors)})")
+        self.pooling, self.problem_type = options["pooling"], options["problem_type"]
+        num_labels = options["num_labels"]
         head = self._modules["classifier"]
+        dropout = options.get("dropout", head.dropout.p)
         width = weights["out_proj.weight"].shape[1]
-        if head.num_labels != num_labels or head.out_proj.in_features != width:
+        if head.num_labels != num_labels or head.out_proj.in_features != width or head.dropout.p != dropout:
             device = head.out_proj.weight.device
-            head = ReftClassificationHead(width, num_labels, head.dropout.p).to(device)
+            head = ReftClassificationHead(width, num_labels, dropout).to(device)
             self.classifier = head
         head.load_state_dict(weights, strict=True)
         self._head_loaded = True
@@ -245,6 +262,39 @@ class ReftModelForSequenceClassification(ReftModel):
             )
         loaded.classifier.requires_grad_(is_trainable)
         return loaded
+
+
+def _head_options(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The saved head options (``num_labels``, ``pooling``, ``problem_type``, maybe ``dropout``), checked.
+
+    ``None`` when nothing was saved for a head. Options come by name from the config; older
+    files hold indices into :data:`POOLING_MODES` / :data:`PROBLEM_TYPES` in a tensor instead.
+    """
+    saved = config.get("classifier") if isinstance(config, Mapping) else None
+    if saved is None:
+        if _HEAD_CONFIG_KEY not in tensors:
+            return None
+        try:
+            num_labels, pooling, problem = (int(x) for x in tensors[_HEAD_CONFIG_KEY].tolist())
+            saved = {"num_labels": num_labels, "pooling": POOLING_MODES[pooling], "problem_type": PROBLEM_TYPES[problem]}
+        except (ValueError, IndexError, TypeError) as exc:
+            raise CheckpointError(f"the saved classification head options are corrupted ({exc})") from exc
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"the saved classification head options are {saved!r}; expected a JSON object")
+    options = dict(saved)
+    num_labels = options.get("num_labels")
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:
+        raise CheckpointError(f"the saved classification head has num_labels={num_labels!r}; expected an integer >= 1")
+    if options.get("pooling") not in POOLING_MODES:
+        raise CheckpointError(f"the saved classification head has pooling={options.get('pooling')!r}; "
+                              f"this reftlib knows {list(POOLING_MODES)}")
+    if options.get("problem_type") not in PROBLEM_TYPES:
+        raise CheckpointError(f"the saved classification head has problem_type={options.get('problem_type')!r}; "
+                              f"this reftlib knows {list(PROBLEM_TYPES)}")
+    dropout = options.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise CheckpointError(f"the saved classification head has dropout={dropout!r}; expected a number in [0, 1)")
+    return options
 
 
 def _last_hidden_state(outputs: Any) -> torch.Tensor:

@@ -83,42 +83,12 @@ def load_intervention_weights(reft_model: ReftModel, folder: str | os.PathLike) 
 
     Unlike :meth:`ReftModel.from_pretrained` this adds nothing: every adapter of the model that the
     folder holds is overwritten, parameter objects are kept (so optimizers still point at them),
-    and the extra state (e.g. a classification head) is restored.
+    and the extra state (e.g. a classification head) is restored. The index and every config are
+    version-checked (see :func:`reftlib.io.load_weights_in_place`).
     """
-    import json
-    from pathlib import Path
+    from ..io import load_weights_in_place
 
-    from ..io import INDEX_NAME, WEIGHTS_NAME, read_adapter
-
-    root = Path(folder)
-    if (root / INDEX_NAME).exists():
-        try:
-            subfolders = json.loads((root / INDEX_NAME).read_text())["adapters"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{root / INDEX_NAME} is corrupted ({exc})") from exc
-    elif (root / WEIGHTS_NAME).exists():
-        subfolders = {"default" if "default" in reft_model.adapters else reft_model.adapter_names[0]: "."}
-    else:
-        raise CheckpointError(
-            f"{root} holds no {WEIGHTS_NAME}; it is not a checkpoint written by a reftlib trainer "
-            "(resume from a checkpoint-N folder of this run)"
-        )
-    for name, sub in subfolders.items():
-        if name not in reft_model.adapters:
-            raise CheckpointError(f"{root} has an adapter {name!r} that this model lacks ({reft_model.adapter_names})")
-        _config, tensors = read_adapter(root / sub)
-        extra = {k.removeprefix("__extra__."): v for k, v in tensors.items() if k.startswith("__extra__.")}
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("__extra__.")}
-        modules = reft_model.adapters[name]
-        expected = modules.state_dict()
-        if set(expected) != set(tensors) or any(expected[k].shape != v.shape for k, v in tensors.items()):
-            raise CheckpointError(
-                f"{root / sub}: the saved tensors of adapter {name!r} do not match this model's interventions "
-                f"(saved {sorted(tensors)}, model has {sorted(expected)}); was it saved from another config?"
-            )
-        modules.load_state_dict(tensors, strict=True)
-        if extra and hasattr(reft_model, "load_extra_state_dict"):
-            reft_model.load_extra_state_dict(extra)
+    load_weights_in_place(reft_model, folder)
 
 
 def refresh_intervention_caches(model: nn.Module) -> None:
@@ -288,7 +258,8 @@ class ReftTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.reft_model.save_pretrained(output_dir)
+        # A gathered full state dict (FSDP, DeepSpeed) holds the weights; DeepSpeed's empty placeholder does not.
+        self.reft_model.save_pretrained(output_dir, state_dict=state_dict or None)
         peft_model = _trained_peft_model(self.reft_model)
         if peft_model is not None:  # LoRA trained together with the interventions
             peft_model.save_pretrained(os.path.join(output_dir, LORA_SUBFOLDER))
