@@ -44,10 +44,23 @@ from typing import Literal
 
 from torch import nn
 
-from .config import COMPONENTS, is_module_path
 from .errors import ArchitectureError, ReftConfigError
 
 HookKind = Literal["input", "output"]
+
+#: Named components, resolved on any architecture by discovering its structure (see the table above).
+COMPONENTS = (
+    "block_input",
+    "block_output",
+    "attention_input",
+    "attention_output",
+    "mlp_input",
+    "mlp_output",
+    "head_output",
+    "query_output",
+    "key_output",
+    "value_output",
+)
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "mixer")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "ff")
@@ -72,6 +85,11 @@ COMPONENT_OVERRIDES: dict[str, dict[str, tuple[str, HookKind]]] = {
         "mlp_output": ("output.dense", "output"),
     },
 }
+
+
+def is_module_path(component: str) -> bool:
+    """Module paths (``"model.layers.3.mlp"``, optionally ``":input"``) contain a dot or colon."""
+    return "." in component or ":" in component
 
 
 def register_component_override(model_type: str, component: str, path: str, kind: HookKind) -> None:

@@ -13,23 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .components import COMPONENTS, is_module_path
 from .errors import ReftConfigError
 from .interventions import Intervention, intervention_class
 from .positions import parse_position_spec
-
-#: Named components, resolved on any architecture by discovering its structure.
-COMPONENTS = (
-    "block_input",
-    "block_output",
-    "attention_input",
-    "attention_output",
-    "mlp_input",
-    "mlp_output",
-    "head_output",
-    "query_output",
-    "key_output",
-    "value_output",
-)
 
 FORMAT_NAME = "reftlib"
 #: 2: rotations (``*.rotate_layer.raw``) are stored in the mixed basis of
@@ -44,11 +31,6 @@ _REPRESENTATION_KEYS = {
     "hidden_source_representation", "latent_dim",
 }
 _PYREFT_IGNORED = {"subspace_partition", "group_key", "intervention_link_key", "moe_key", "latent_dim"}
-
-
-def is_module_path(component: str) -> bool:
-    """Module paths (``"model.layers.3.mlp"``, optionally ``":input"``) contain a dot or colon."""
-    return "." in component or ":" in component
 
 
 @dataclass

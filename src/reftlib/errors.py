@@ -1,7 +1,28 @@
 """The errors reftlib raises. Every one is a :class:`ReftError`, and every message says what is
-wrong and how to fix it."""
+wrong and how to fix it.
+
+All of reftlib's exception classes are defined here (and only here), so ``except ReftError``
+catches everything reftlib raises on purpose, and each class can be imported from
+``reftlib.errors`` whatever feature raises it.
+"""
 
 from __future__ import annotations
+
+__all__ = [
+    "AdapterError",
+    "ArchitectureError",
+    "ArgumentTypeError",
+    "CheckpointError",
+    "DeviceError",
+    "InputError",
+    "MergeError",
+    "MissingDependencyError",
+    "NumericalError",
+    "PositionError",
+    "PrefixUnavailable",
+    "ReftConfigError",
+    "ReftError",
+]
 
 
 class ReftError(Exception):
@@ -10,6 +31,14 @@ class ReftError(Exception):
 
 class ReftConfigError(ReftError, ValueError):
     """A configuration value is unknown, missing or impossible."""
+
+
+class ArgumentTypeError(ReftConfigError, TypeError):
+    """An argument is not the kind of object expected (e.g. a string where a model belongs).
+
+    Raised at the entry points before any work is done, naming the function, the argument, what it
+    expects and what it got. It is a :class:`ReftConfigError` and a ``TypeError``.
+    """
 
 
 class ArchitectureError(ReftError):
@@ -41,3 +70,20 @@ class AdapterError(ReftError, KeyError):
 
 class NumericalError(ReftError, FloatingPointError):
     """An intervention produced NaN or inf values (raised only when checks are enabled)."""
+
+
+class MergeError(ReftError, ValueError):
+    """Interventions cannot be folded into the model's weights (:func:`reftlib.lofit.merge_and_unload`)."""
+
+
+class MissingDependencyError(ReftError, ImportError):
+    """An optional dependency needed for this feature is not installed (the message says what to install)."""
+
+
+class PrefixUnavailable(ReftError):
+    """The training prefix cache cannot serve this model or step; the message says why.
+
+    Raised by the checks of :class:`reftlib.training.PrefixCache`: with ``prefix_cache="auto"``
+    the trainer catches it, logs the reason and trains normally; with ``prefix_cache=True`` it is
+    turned into a :class:`ReftConfigError`.
+    """

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checks import require_instance
 from .errors import ReftError
 
 if TYPE_CHECKING:
@@ -300,6 +301,9 @@ def load_default_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_instance(dtype, torch.dtype, "dtype", "load_default_model", "a torch.dtype (e.g. torch.bfloat16)")
+    require_instance(device, (str, torch.device, int), "device", "load_default_model",
+                     "a device (e.g. 'cuda', 'cpu' or torch.device('cuda:0'))", optional=True)
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if device is not None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .checks import require_model, require_reft_model, unwrap_model
 from .errors import CheckpointError, ReftConfigError
 
 if TYPE_CHECKING:
@@ -54,8 +55,9 @@ def find_peft_model(reft_model: ReftModel) -> nn.Module | None:
     Only a ReftModel built on a ``PeftModel`` knows it; when LoRA was applied to
     ``reft_model.model`` afterwards, keep the returned ``PeftModel`` and pass it explicitly.
     """
+    require_reft_model(reft_model, "reft_model", "find_peft_model")
     peft = _peft()
-    model = reft_model.model
+    model = unwrap_model(reft_model).model
     return model if isinstance(model, peft.PeftModel) else None
 
 
@@ -79,6 +81,7 @@ def save_reft_and_lora(
     Returns:
         ``save_directory`` as a :class:`~pathlib.Path`.
     """
+    reft_model = unwrap_model(require_reft_model(reft_model, "reft_model", "save_reft_and_lora"))
     peft = _peft()
     if peft_model is None:
         peft_model = find_peft_model(reft_model)
@@ -134,6 +137,7 @@ def load_reft_and_lora(
         raise ReftConfigError(
             f"load_reft_and_lora needs the plain base model, got a {type(model).__name__}; it attaches both adapters"
         )
+    require_model(model, "model", "load_reft_and_lora")
     local = Path(path_or_repo_id)
     if local.is_dir():
         if not (local / LORA_SUBFOLDER).is_dir():

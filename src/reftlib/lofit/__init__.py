@@ -15,12 +15,13 @@ The two-step recipe::
 2. :func:`tune_offsets` learns offsets ``z_h ← z_h + v_h`` on the top heads only, at every token.
 
 ``train_data`` is ``(prompt, answer)`` pairs (cross-entropy) or ``(prompt, chosen, rejected)``
-triples (DPO with :class:`ReftDPOTrainer`, the reference being the model with interventions off).
+triples (DPO with :class:`~reftlib.training.ReftDPOTrainer`, the reference being the model with
+interventions off; the DPO names are re-exported here from :mod:`reftlib.training.dpo`).
 Both steps run on reftlib's ``Trainer`` subclasses. See ``docs/lofit.md``.
 """
 
-from .data import make_sft_dataset, normalize_train_data, resolve_objective
-from .dpo import (
+from ..errors import MergeError, MissingDependencyError
+from ..training.dpo import (
     AdapterDPOTrainer,
     ReftDPODataCollator,
     ReftDPOTrainer,
@@ -29,9 +30,10 @@ from .dpo import (
     make_preference_dataset,
     sequence_logps,
 )
-from .merge import MergeError, merge_and_unload
+from .data import Objective, make_sft_dataset, normalize_train_data, resolve_objective
+from .merge import merge_and_unload
 from .offsets import tune_offsets
-from .plot import MissingDependencyError, plot_head_scores
+from .plot import plot_head_scores
 from .selection import (
     HeadScaleDPOTrainer,
     HeadScaleTrainer,
@@ -50,6 +52,7 @@ __all__ = [
     "L1PenaltyMixin",
     "MergeError",
     "MissingDependencyError",
+    "Objective",
     "ReftDPODataCollator",
     "ReftDPOTrainer",
     "count_heads",

@@ -16,9 +16,9 @@ from transformers import TrainingArguments
 
 from ..errors import ReftConfigError
 from ..model import ReftModel
+from ..training.dpo import ReftDPODataCollator, ReftDPOTrainer, make_preference_dataset
 from ..training.trainer import ReftTrainer, ReftTrainerForCausalLM
 from .data import make_sft_dataset, normalize_train_data, resolve_objective
-from .dpo import ReftDPODataCollator, ReftDPOTrainer, make_preference_dataset
 
 
 def training_arguments(output_dir: str, *, lr: float, epochs: float, batch_size: int, seed: int,

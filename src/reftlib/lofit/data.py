@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from ..checks import require_model, require_tokenizer
 from ..errors import InputError, ReftConfigError
 from ..training.data import make_supervised_examples
 
@@ -115,6 +116,8 @@ def make_sft_dataset(
     """
     import datasets
 
+    require_tokenizer(tokenizer, "tokenizer", "make_sft_dataset")
+    require_model(model, "model", "make_sft_dataset", optional=True, allow_reft_model=True)
     columns = make_supervised_examples(
         tokenizer, [r[0] for r in rows], [r[1] for r in rows], positions or "l1",
         num_interventions=num_interventions, nonstop=nonstop, max_length=max_length, model=base_model(model),

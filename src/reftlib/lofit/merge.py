@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..checks import require_reft_model, unwrap_model
 from ..components import resolve_site
-from ..errors import ReftError
+from ..errors import AdapterError, MergeError
 from ..interventions import HeadBiasIntervention, HeadScaleIntervention, Intervention
 from ..model import ReftModel
 
@@ -36,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 _MERGEABLE = (HeadScaleIntervention, HeadBiasIntervention)
 _BIAS_FLAGS = ("attention_bias", "bias", "use_bias", "add_bias_linear")
-
-
-class MergeError(ReftError, ValueError):
-    """The interventions cannot be folded into the weights (what and why is in the message)."""
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -148,7 +145,8 @@ def merge_and_unload(reft_model: ReftModel, adapter_names: Sequence[str] | None 
             :class:`~reftlib.HeadScaleIntervention` / :class:`~reftlib.HeadBiasIntervention` at
             ``head_output`` with ``positions=None`` (every token), e.g. from
             :func:`~reftlib.lofit.tune_offsets`.
-        adapter_names: the adapters to merge, in their stacking order (default: the active ones).
+        adapter_names: the adapters to merge, in their stacking order (default: the active ones; one
+            name may be given as a string).
             Other adapters are dropped with the ReftModel.
 
     Returns:
@@ -161,11 +159,15 @@ def merge_and_unload(reft_model: ReftModel, adapter_names: Sequence[str] | None 
         MergeError: before changing anything, when an intervention is of another type or is
             restricted to some positions.
     """
+    reft_model = unwrap_model(require_reft_model(reft_model, "reft_model", "merge_and_unload"))
+    if isinstance(adapter_names, str):
+        adapter_names = [adapter_names]
     names = list(reft_model.active_adapters if adapter_names is None else adapter_names)
     if not names:
         raise MergeError("no adapter to merge: none is active; pass adapter_names=[...]")
     for name in names:
-        reft_model._check_adapter(name)
+        if not isinstance(name, str) or name not in reft_model.adapters:
+            raise AdapterError(f"unknown adapter {name!r}; this model has adapters {reft_model.adapter_names}")
     plan = _plan(reft_model, names)
     created = [path for path, (module, _, interventions) in plan.items() if _fold(module, interventions)]
     model = reft_model.detach()

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
+from ..checks import require_model, require_tokenizer
 from ..model import DEFAULT_ADAPTER, ReftModel, get_reft_model
 from ._fit import fit
 from .selection import HeadSelection, lofit_config
@@ -62,6 +63,8 @@ def tune_offsets(
         ``reft_model(**inputs)``, scoring and ``reft_model.generate(...)`` (prompt and generated
         tokens) use them everywhere; :func:`~reftlib.lofit.merge_and_unload` folds them into the model.
     """
+    require_model(model, "model", "tune_offsets")
+    require_tokenizer(tokenizer, "tokenizer", "tune_offsets")
     set_seed(seed)
     reft_model = get_reft_model(model, lofit_config(heads, init_std=init_std), adapter_name=adapter_name)
     fit(reft_model, tokenizer, train_data, objective=objective, lr=lr, epochs=epochs, batch_size=batch_size,

@@ -13,13 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ReftError
+from ..errors import MissingDependencyError, ReftError
 
 __all__ = ["MissingDependencyError", "plot_head_scores"]
-
-
-class MissingDependencyError(ReftError, ImportError):
-    """An optional dependency needed for this feature is not installed."""
 
 
 def _matplotlib():

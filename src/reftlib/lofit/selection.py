@@ -25,15 +25,16 @@ import torch
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
+from ..checks import require_model, require_tokenizer
 from ..components import find_layers, resolve_site
 from ..config import ReftConfig
 from ..errors import CheckpointError, InputError, ReftConfigError
 from ..interventions import HeadBiasIntervention, HeadScaleIntervention
 from ..io import atomic_write_bytes
 from ..model import ReftModel, get_reft_model
+from ..training.dpo import ReftDPOTrainer
 from ..training.trainer import ReftTrainerForCausalLM
 from ._fit import fit
-from .dpo import ReftDPOTrainer
 from .plot import plot_head_scores
 
 __all__ = [
@@ -249,6 +250,7 @@ def _resolve_k(k: int | None, fraction: float | None, total: int) -> int:
 # --------------------------------------------------------------------------- helpers on models
 def count_heads(model: nn.Module) -> tuple[int, int]:
     """``(num_layers, heads_per_layer)`` of the attention heads at ``head_output``."""
+    require_model(model, "model", "count_heads")
     _, layers = find_layers(model)
     site = resolve_site(model, 0, "head_output")
     return len(layers), int(site.num_heads)
@@ -340,6 +342,8 @@ def select_heads(
         a :class:`HeadSelection` (``.heads``, ``.scores``, ``.plot(path)``, ``.save(path)``). The model
         is left as it was: the scale interventions are detached.
     """
+    require_model(model, "model", "select_heads")
+    require_tokenizer(tokenizer, "tokenizer", "select_heads")
     num_layers, num_heads = count_heads(model)
     k = _resolve_k(k, fraction, num_layers * num_heads)
     if not (isinstance(l1, (int, float)) and l1 >= 0):

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..components import find_layers
-from ..errors import ReftConfigError
+from ..errors import PrefixUnavailable, ReftConfigError
 
 __all__ = ["PrefixCache"]
 
@@ -56,10 +56,6 @@ logger = logging.getLogger(__name__)
 _PER_TOKEN_INPUTS = ("position_ids", "token_type_ids")
 _PREFIX_INDEPENDENT = ("labels", "intervention_locations", "logits_to_keep", "subspaces")
 _MISSING = object()
-
-
-class PrefixUnavailable(Exception):
-    """Why the cache cannot serve this model (raised by checks, turned off or re-raised by the trainer)."""
 
 
 class PrefixCache:
@@ -135,7 +131,10 @@ class PrefixCache:
         index = {id(layer): i for i, layer in enumerate(layers)}
         active = set(reft_model.active_adapters)
         lowest, output_only = None, True
-        for site in reft_model.runtime.sites_of(active):
+        for hook in reft_model._site_hooks.values():
+            if not any(adapter in active for adapter, _, _ in hook.entries):
+                continue
+            site = hook.site
             if site.layer is None:
                 raise PrefixUnavailable(f"an intervention sits outside the layer list ({site.path})")
             on_output = site.kind == "output" and index.get(id(site.module)) == site.layer
