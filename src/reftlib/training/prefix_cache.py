@@ -131,10 +131,7 @@ class PrefixCache:
         index = {id(layer): i for i, layer in enumerate(layers)}
         active = set(reft_model.active_adapters)
         lowest, output_only = None, True
-        for hook in reft_model._site_hooks.values():
-            if not any(adapter in active for adapter, _, _ in hook.entries):
-                continue
-            site = hook.site
+        for site in reft_model.runtime.sites_of(active):
             if site.layer is None:
                 raise PrefixUnavailable(f"an intervention sits outside the layer list ({site.path})")
             on_output = site.kind == "output" and index.get(id(site.module)) == site.layer
