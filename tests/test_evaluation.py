@@ -333,14 +333,15 @@ def test_exact_match_restores_missing_pad_token() -> None:
     assert tok.pad_token is None
 
 
-def test_exact_match_tiny_llama_batched_equals_unbatched(llama: Any, tokenizer: Any) -> None:
+def test_exact_match_tiny_llama_batched_equals_unbatched(llama64: Any, tokenizer: Any) -> None:
+    # float64: greedy picks of the batched and unbatched paths cannot flip on a float32 near-tie
     prompts = PROMPTS
     refs = ["x"] * len(prompts)
     single = exact_match_generate(
-        llama, tokenizer, prompts, refs, max_new_tokens=6, batch_size=1, progress=False
+        llama64, tokenizer, prompts, refs, max_new_tokens=6, batch_size=1, progress=False
     )
     batched = exact_match_generate(
-        llama, tokenizer, prompts, refs, max_new_tokens=6, batch_size=5, progress=False
+        llama64, tokenizer, prompts, refs, max_new_tokens=6, batch_size=5, progress=False
     )
     assert batched["predictions"] == single["predictions"]
     assert tokenizer.padding_side == "right"

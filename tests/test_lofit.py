@@ -371,7 +371,8 @@ def test_merge_matches_unmerged_and_reloads_with_plain_transformers(family, tmp_
     merged = merge_and_unload(reft_model)
 
     assert type(merged).__module__.startswith("transformers.") and hook_counts(merged) == 0
-    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5)
+    # merging reorders fp32 sums: logits differ by a few ulp of their scale
+    torch.testing.assert_close(logits(merged), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     assert torch.equal(merged.generate(input_ids=prompt, **gen_kwargs), generated)
     merged.save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
@@ -401,7 +402,8 @@ def test_merge_gpt2_conv1d_bias_already_there():
     expected = logits(reft_model)
     model = merge_and_unload(reft_model)
     assert model.transformer.h[1].attn.c_proj is proj and not torch.equal(proj.bias, bias_before)
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5)
+    # merging reorders fp32 sums: logits differ by a few ulp of their scale
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("rep, message", [
@@ -428,7 +430,9 @@ def test_merge_selected_adapters_only():
     reft_model = stacked_lofit("llama")
     reft_model.set_adapter("more")
     expected = logits(reft_model)
-    torch.testing.assert_close(logits(merge_and_unload(reft_model)), expected, rtol=0, atol=1e-5)
+    # merging reorders fp32 sums: logits differ by a few ulp of their scale
+    torch.testing.assert_close(logits(merge_and_unload(reft_model)), expected, rtol=0,
+                               atol=1e-5 * float(expected.abs().max()))
 
 
 # --------------------------------------------------------------------------- the real model
@@ -462,4 +466,6 @@ def test_recipe_on_smollm2(tmp_path):
         torch.testing.assert_close(loaded(**ids).logits, expected, rtol=0, atol=0)
     merged = merge_and_unload(reft_model)
     with torch.no_grad():
-        torch.testing.assert_close(merged(**ids).logits, expected, rtol=0, atol=1e-4)
+        # merging reorders fp32 sums in 30 layers: ~1e-6 of the logits' scale here (1e-5 leaves a margin)
+        torch.testing.assert_close(merged(**ids).logits, expected, rtol=0,
+                                   atol=1e-5 * float(expected.abs().max()))

@@ -195,7 +195,10 @@ def test_gradient_accumulation_equals_full_batch(tok, tmp_path):
         )
         trainer.train()
         states.append(intervention_state(reft_model))
-    assert_states_close(states[0], states[1], atol=1e-6)
+    # one SGD step on both paths: they differ only by fp32 reordering of the gradient sums, a few ulp of
+    # the states' scale (~2 here, measured up to 4e-7); 1e-5 of that scale is ~40 ulp
+    scale = max(float(v.abs().max()) for v in states[0].values())
+    assert_states_close(states[0], states[1], atol=1e-5 * scale)
     assert not torch.equal(states[0]["default.layer_0_block_output.learned_source.weight"],
                            intervention_state(reft_lm())["default.layer_0_block_output.learned_source.weight"])
 
