@@ -1,13 +1,22 @@
 """reftlib: representation fine-tuning (ReFT) and LoFiT for any Hugging Face model, through hooks."""
 
-from .components import COMPONENT_OVERRIDES, describe_structure, register_component_override, resolve_site
-from .config import COMPONENTS, ReftConfig, RepresentationConfig
+from .components import (
+    COMPONENT_OVERRIDES,
+    COMPONENTS,
+    describe_structure,
+    register_component_override,
+    resolve_site,
+)
+from .config import ReftConfig, RepresentationConfig
 from .errors import (
     AdapterError,
     ArchitectureError,
+    ArgumentTypeError,
     CheckpointError,
     DeviceError,
     InputError,
+    MergeError,
+    MissingDependencyError,
     NumericalError,
     PositionError,
     ReftConfigError,
@@ -33,13 +42,25 @@ from .positions import last_position, parse_position_spec, resolve_position_spec
 
 __version__ = "0.1.0"
 
-# Training names are importable from the top level too, loaded lazily (transformers.Trainer is heavy).
-_TRAINING_NAMES = {
-    "ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForSequenceClassification", "ReftDataCollator",
-    "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
-    "make_classification_data_module", "make_supervised_examples", "apply_chat_template",
-    "ReftModelForSequenceClassification", "ReftClassificationHead", "get_reft_model_for_sequence_classification",
-}
+# Training names are importable from the top level too, loaded on first use (transformers.Trainer is
+# heavy): ``reftlib.ReftTrainerForCausalLM`` imports reftlib.training then. They are listed in
+# ``__all__`` and ``dir(reftlib)`` like the names imported above.
+_TRAINING_NAMES = (
+    "ReftClassificationHead",
+    "ReftDPOTrainer",
+    "ReftDataCollator",
+    "ReftModelForSequenceClassification",
+    "ReftTrainer",
+    "ReftTrainerForCausalLM",
+    "ReftTrainerForSequenceClassification",
+    "apply_chat_template",
+    "get_reft_model_for_sequence_classification",
+    "make_classification_data_module",
+    "make_last_position_supervised_data_module",
+    "make_multiple_position_supervised_data_module",
+    "make_preference_data_module",
+    "make_supervised_examples",
+)
 
 
 def __getattr__(name: str):
@@ -49,11 +70,17 @@ def __getattr__(name: str):
         return getattr(training, name)
     raise AttributeError(f"module 'reftlib' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TRAINING_NAMES))
+
+
 __all__ = [
     "COMPONENTS",
     "COMPONENT_OVERRIDES",
     "AdapterError",
     "ArchitectureError",
+    "ArgumentTypeError",
     "CheckpointError",
     "ConsreftIntervention",
     "DeviceError",
@@ -65,19 +92,35 @@ __all__ = [
     "Intervention",
     "LobireftIntervention",
     "LoreftIntervention",
+    "MergeError",
+    "MissingDependencyError",
     "NodireftIntervention",
     "NoreftIntervention",
     "NumericalError",
     "PositionError",
+    "ReftClassificationHead",
     "ReftConfig",
     "ReftConfigError",
+    "ReftDPOTrainer",
+    "ReftDataCollator",
     "ReftError",
     "ReftModel",
+    "ReftModelForSequenceClassification",
+    "ReftTrainer",
+    "ReftTrainerForCausalLM",
+    "ReftTrainerForSequenceClassification",
     "RepresentationConfig",
+    "apply_chat_template",
     "describe_structure",
     "get_adapter_state_dict",
     "get_reft_model",
+    "get_reft_model_for_sequence_classification",
     "last_position",
+    "make_classification_data_module",
+    "make_last_position_supervised_data_module",
+    "make_multiple_position_supervised_data_module",
+    "make_preference_data_module",
+    "make_supervised_examples",
     "parse_position_spec",
     "register_component_override",
     "register_intervention",

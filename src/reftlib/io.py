@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_dumps
 
+from .checks import require_model, require_reft_model
 from .config import FORMAT_NAME, FORMAT_VERSION, ReftConfig
 from .errors import AdapterError, CheckpointError, ReftConfigError, ReftError
 from .model import DEFAULT_ADAPTER
@@ -628,6 +629,7 @@ def load_reft_model(path_or_repo_id, model, *, adapter_name: str = DEFAULT_ADAPT
     """
     from .model import ReftModel
 
+    require_model(model, "model", "load_reft_model")
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     adapters, active = saved_adapters(folder, default_name=adapter_name)  # checks the index before any work
     if disable_model_grads:
@@ -648,6 +650,7 @@ def load_reft_model(path_or_repo_id, model, *, adapter_name: str = DEFAULT_ADAPT
 def load_adapter_into(reft_model: ReftModel, path_or_repo_id, adapter_name: str, *, is_trainable: bool = False,
                       **hub_kwargs: Any) -> None:
     """Add the adapter saved at ``path_or_repo_id`` to an existing model as ``adapter_name``."""
+    require_reft_model(reft_model, "reft_model", "load_adapter_into")
     if adapter_name in reft_model.adapters:
         raise AdapterError(
             f"an adapter named {adapter_name!r} is already loaded; choose another adapter_name or delete_adapter() it"

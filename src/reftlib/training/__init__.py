@@ -12,7 +12,8 @@ Typical use (pyreft's names)::
 See :mod:`reftlib.training.data` for how examples and positions are built,
 :mod:`reftlib.training.collator` for how they are padded into batches,
 :mod:`reftlib.training.trainer` for what the trainers change, and
-:mod:`reftlib.training.classification` for sequence classification with a trainable head.
+:mod:`reftlib.training.classification` for sequence classification with a trainable head, and
+:mod:`reftlib.training.dpo` for preference optimization (DPO) of any intervention.
 """
 
 from .classification import (
@@ -33,6 +34,15 @@ from .data import (
     make_supervised_examples,
     split_position_spec,
 )
+from .dpo import (
+    AdapterDPOTrainer,
+    ReftDPODataCollator,
+    ReftDPOTrainer,
+    dpo_loss,
+    make_preference_data_module,
+    make_preference_dataset,
+    sequence_logps,
+)
 from .prefix_cache import PrefixCache
 from .trainer import (
     ReftTrainer,
@@ -44,8 +54,11 @@ from .trainer import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "AdapterDPOTrainer",
     "PrefixCache",
     "ReftClassificationHead",
+    "ReftDPODataCollator",
+    "ReftDPOTrainer",
     "ReftDataCollator",
     "ReftModelForSequenceClassification",
     "ReftTrainer",
@@ -55,12 +68,16 @@ __all__ = [
     "classification_loss",
     "default_max_length",
     "default_pooling",
+    "dpo_loss",
     "get_reft_model_for_sequence_classification",
     "load_intervention_weights",
     "make_classification_data_module",
     "make_last_position_supervised_data_module",
     "make_multiple_position_supervised_data_module",
+    "make_preference_data_module",
+    "make_preference_dataset",
     "make_supervised_examples",
     "refresh_intervention_caches",
+    "sequence_logps",
     "split_position_spec",
 ]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from ..checks import require_model
 from ..components import text_config
 from ..config import ReftConfig
 from ..errors import CheckpointError, ReftConfigError
@@ -320,6 +321,7 @@ def get_reft_model_for_sequence_classification(
     ``num_labels`` defaults to ``model.config.num_labels``; ``num_labels=1`` means regression. The
     base model is frozen; the interventions and the head are trainable.
     """
+    require_model(model, "model", "get_reft_model_for_sequence_classification")
     if not isinstance(config, ReftConfig):
         config = ReftConfig(representations=config)
     if disable_model_grads:

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..checks import require_model, require_tokenizer
 from ..errors import InputError, PositionError
 from ..generation import encode_prompts
 from ..model import _max_positions
@@ -254,6 +255,8 @@ def make_supervised_examples(
     ``positions`` is a spec (``"l1"``, ``"f7+l7"``, ``"all"``) or, per example, a list of prompt-token
     indices (used for every intervention) or a list of such lists (one per intervention).
     """
+    require_tokenizer(tokenizer, "tokenizer", "make_supervised_examples")
+    require_model(model, "model", "make_supervised_examples", optional=True, allow_reft_model=True)
     prompts, answers = _as_list(inputs, "inputs"), _as_list(outputs, "outputs")
     if len(prompts) != len(answers):
         raise InputError(f"inputs has {len(prompts)} examples but outputs has {len(answers)}")
@@ -346,6 +349,8 @@ def make_last_position_supervised_data_module(
     Returns ``dict(train_dataset=datasets.Dataset, eval_dataset=None, data_collator=ReftDataCollator)``;
     pass it to a trainer with ``ReftTrainerForCausalLM(model=..., args=..., **data_module)``.
     """
+    require_tokenizer(tokenizer, "tokenizer", "make_last_position_supervised_data_module")
+    require_model(model, "model", "make_last_position_supervised_data_module", allow_reft_model=True)
     return make_multiple_position_supervised_data_module(
         tokenizer, model, inputs, outputs, positions="l1", num_interventions=num_interventions, nonstop=nonstop,
         share_weights=True, max_length=max_length, long_prompt=long_prompt, padding_side=padding_side,
@@ -371,6 +376,8 @@ def make_multiple_position_supervised_data_module(
     ``positions``: a spec (``"f7+l7"``, ``"l1"``, ``"all"``) or explicit prompt-token indices per
     example. See the module documentation for tokenization, weight sharing and truncation.
     """
+    require_tokenizer(tokenizer, "tokenizer", "make_multiple_position_supervised_data_module")
+    require_model(model, "model", "make_multiple_position_supervised_data_module", allow_reft_model=True)
     collator = ReftDataCollator(tokenizer=tokenizer, padding_side=padding_side)  # fails early without a pad token
     columns = make_supervised_examples(
         tokenizer, inputs, outputs, positions, num_interventions=num_interventions, nonstop=nonstop,
@@ -400,6 +407,8 @@ def make_classification_data_module(
     token (its ``pooling``, or :func:`~reftlib.training.classification.default_pooling` for a plain
     model: encoders), ``"l1"`` otherwise (decoders, and mean pooling).
     """
+    require_tokenizer(tokenizer, "tokenizer", "make_classification_data_module")
+    require_model(model, "model", "make_classification_data_module", allow_reft_model=True)
     from .classification import default_pooling
 
     texts, targets = _as_list(inputs, "inputs"), _as_list(labels, "labels")

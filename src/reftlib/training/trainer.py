@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..checks import require_instance, require_processing_class, require_reft_model
 from ..errors import CheckpointError, ReftConfigError
 from ..hooks import _to_device
 from ..interventions.rotation import OrthonormalRows
@@ -156,11 +157,10 @@ class ReftTrainer(Trainer):
             if processing_class is not None and processing_class is not tokenizer:
                 raise ReftConfigError("pass the tokenizer once, as processing_class= (tokenizer= is its old name)")
             processing_class = tokenizer
-        if model is not None and not isinstance(_unwrap(model), ReftModel):
-            raise ReftConfigError(
-                f"{type(self).__name__} trains a ReftModel, got {type(model).__name__}; build one with "
-                "reftlib.get_reft_model(model, config)"
-            )
+        where = type(self).__name__  # arguments of the wrong kind fail here, not deep inside transformers
+        require_reft_model(model, "model", where, optional=kwargs.get("model_init") is not None)
+        require_processing_class(processing_class, "processing_class", where)
+        require_instance(args, TrainingArguments, "args", where, "a transformers.TrainingArguments", optional=True)
         if data_collator is None:
             data_collator = self._default_collator(model, processing_class)
         super().__init__(
