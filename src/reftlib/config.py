@@ -1,24 +1,34 @@
 """What to attach where: :class:`ReftConfig` and :class:`RepresentationConfig`.
 
 A representation names a *site* (``layer`` + ``component``, or a module path) and the
-intervention to apply there. Configs round-trip through JSON losslessly; the intervention is
-stored as its registered type name plus every constructor argument (dimensions included).
+intervention to apply there. Configs are data: they round-trip through JSON losslessly, the
+intervention stored as its registered type name plus every constructor argument
+(:attr:`RepresentationConfig.intervention_config`). Modules are built when a config is attached
+to a model, and a model works on its own copy of the config (nothing is written back into the
+caller's). An :class:`~reftlib.Intervention` instance given pyreft-style is adopted by the first
+model it is attached to; any later model gets a new one built from the same arguments, so two
+models never share intervention parameters.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes
 from .components import COMPONENTS, is_module_path
 from .errors import ReftConfigError
 from .interventions import Intervention, intervention_class
 from .positions import parse_position_spec
 
 FORMAT_NAME = "reftlib"
+#: The file name of a saved config (the same as in folders written by ``ReftModel.save_pretrained``).
+CONFIG_FILE_NAME = "reft_config.json"
 #: 2: rotations (``*.rotate_layer.raw``) are stored in the mixed basis of
 #: :mod:`reftlib.interventions.rotation`; version-1 files (hidden-state basis) are converted on reading.
 FORMAT_VERSION = 2
@@ -30,6 +40,7 @@ _REPRESENTATION_KEYS = {
     "subspace_partition", "group_key", "intervention_link_key", "moe_key", "source_representation",
     "hidden_source_representation", "latent_dim",
 }
+_CONFIG_KEYS = {"format", "format_version", "base_model_name_or_path", "base_model_type", "representations"}
 _PYREFT_IGNORED = {"subspace_partition", "group_key", "intervention_link_key", "moe_key", "latent_dim"}
 
 
@@ -64,6 +75,11 @@ class RepresentationConfig:
     max_number_of_units: int = 1
     positions: str | None = None
     name: str | None = None
+    #: The intervention's type and constructor arguments when the config was made (pure data): what
+    #: :meth:`to_dict` saves while unbound, and what a model that cannot adopt the instance builds from.
+    intervention_config: dict[str, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
+    #: Whether :meth:`bind` tied this representation to a model's module.
+    bound: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.component, str) or not self.component:
@@ -115,6 +131,19 @@ class RepresentationConfig:
             parse_position_spec(self.positions)  # validates
         if not isinstance(self.max_number_of_units, int) or self.max_number_of_units < 1:
             raise ReftConfigError(f"max_number_of_units must be a positive integer, got {self.max_number_of_units!r}")
+        self.intervention_config = copy.deepcopy(iv.get_config())
+
+    def new_intervention(self) -> Intervention:
+        """A fresh intervention module (new parameters) built from :attr:`intervention_config`."""
+        return intervention_from_config(self.intervention_config)
+
+    def copy(self) -> RepresentationConfig:
+        """A copy holding the same intervention instance (to be adopted or replaced by a model)."""
+        clone = copy.copy(self)
+        clone.intervention_kwargs = dict(self.intervention_kwargs)
+        clone.intervention_config = copy.deepcopy(self.intervention_config)
+        clone.bound = False
+        return clone
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RepresentationConfig:
@@ -148,8 +177,17 @@ class RepresentationConfig:
             "max_number_of_units": self.max_number_of_units,
             "positions": self.positions,
             "name": self.name,
-            "intervention": self.intervention.get_config(),
+            "intervention": self.intervention.get_config() if self.bound else copy.deepcopy(self.intervention_config),
         }
+
+    def bind(self, module: Intervention) -> None:
+        """Make ``module`` this representation's intervention for good (a model's own copy of a config).
+
+        A bound representation describes its module as it is (dimensions and options as built); an
+        unbound one keeps the arguments it was made with, whatever happens to the instance it holds.
+        """
+        self.intervention = module
+        self.bound = True
 
 
 def intervention_from_config(data: Mapping[str, Any]) -> Intervention:
@@ -214,6 +252,33 @@ class ReftConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
+    def copy(self) -> ReftConfig:
+        """An independent copy (new representation objects, the same intervention instances)."""
+        return ReftConfig([rep.copy() for rep in self.representations],
+                          base_model_name_or_path=self.base_model_name_or_path, base_model_type=self.base_model_type)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write this config alone as ``reft_config.json`` in ``save_directory`` (atomically); returns the file."""
+        path = Path(save_directory) / CONFIG_FILE_NAME
+        atomic_write_bytes(path, (self.to_json_string() + "\n").encode("utf-8"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> ReftConfig:
+        """Read a config written by :meth:`save_pretrained` (or a folder saved by ``ReftModel.save_pretrained``)."""
+        path = Path(path)
+        file = path / CONFIG_FILE_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise ReftConfigError(f"{file} does not exist; give a folder holding {CONFIG_FILE_NAME} or the file itself")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ReftConfigError(f"{file} is not valid JSON ({exc}); the file may be truncated") from exc
+        if not isinstance(data, Mapping):
+            raise ReftConfigError(f"{file} does not hold a reftlib config (expected a JSON object)")
+        # A folder saved by ReftModel.save_pretrained may add entries of its own (e.g. a head's options).
+        return cls.from_dict({k: v for k, v in data.items() if k in _CONFIG_KEYS})
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReftConfig:
         if not isinstance(data, Mapping) or "representations" not in data:
@@ -226,10 +291,9 @@ class ReftConfig:
                 f"this config was written by a newer reftlib (format version {version}; this reftlib reads up to "
                 f"{FORMAT_VERSION}); upgrade with `pip install -U reftlib`"
             )
-        known = {"format", "format_version", "base_model_name_or_path", "base_model_type", "representations"}
-        unknown = set(data) - known
+        unknown = set(data) - _CONFIG_KEYS
         if unknown:
-            raise ReftConfigError(f"unknown ReftConfig key(s) {sorted(unknown)}; allowed keys are {sorted(known)}")
+            raise ReftConfigError(f"unknown ReftConfig key(s) {sorted(unknown)}; allowed keys are {sorted(_CONFIG_KEYS)}")
         reps = [copy.deepcopy(dict(r)) for r in data["representations"]]
         return cls(
             representations=reps,

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import describe, require_model
 from .components import Site, resolve_site, text_config
 from .config import ReftConfig, RepresentationConfig
 from .errors import AdapterError, ArchitectureError, InputError, ReftConfigError
 from .interventions import Intervention
+from .merge import merge_and_unload as _fold_and_unload
 from .plan import GENERATION_MODES, AdapterSpecs, CallPlan, build_plan
 from .runtime import HFRuntime
 
@@ -45,10 +47,9 @@ class ReftModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: ReftConfig | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
-            raise ReftConfigError("get_reft_model needs a Hugging Face model (an nn.Module with a .config)")
         if isinstance(model, ReftModel):
             raise ReftConfigError("this model already is a ReftModel; add more interventions with add_adapter()")
+        require_model(model, "model", type(self).__name__)
         self.model = model
         self.adapters = nn.ModuleDict()
         self.reft_configs: dict[str, ReftConfig] = {}
@@ -113,14 +114,20 @@ class ReftModel(nn.Module):
             raise AdapterError(
                 f"an adapter named {adapter_name!r} already exists; pick another name or delete_adapter() it first"
             )
-        if not isinstance(config, ReftConfig):
-            config = ReftConfig(representations=config)
+        _check_config(config, "add_adapter")
+        # The model works on its own copy: nothing is written back into the caller's config, and an
+        # intervention instance already owned by another model is replaced by a fresh one (no shared parameters).
+        config = config.copy() if isinstance(config, ReftConfig) else ReftConfig(representations=config)
         reps = config.representations
         sites = [resolve_site(self.model, rep.layer, rep.component) for rep in reps]
         probes = self.runtime.probe(sites)
         modules = nn.ModuleDict()
         site_of_key: dict[str, Site] = {}
         for rep, site in zip(reps, sites):
+            if not rep.intervention.claim():
+                rep.intervention = rep.new_intervention()
+                rep.intervention.claim()
+            rep.bind(rep.intervention)
             key = self._key_for(rep, site, modules)
             shape, device = probes[site.key]
             self._build(rep, site, shape)
@@ -465,6 +472,18 @@ class ReftModel(nn.Module):
         """
         return self.model
 
+    def merge_and_unload(self, adapter_names: Sequence[str] | str | None = None) -> nn.Module:
+        """Fold the interventions into the base weights and return the plain Hugging Face model.
+
+        Only interventions whose edit is a constant affine map of the input of a linear projection,
+        applied at every position, can be folded (``Intervention.foldable``: LoFiT's head scales and
+        offsets among the built-ins). Anything else (LoReFT is input-dependent; ``"l1"`` positions act
+        on one token) raises :class:`~reftlib.errors.MergeError` naming each such intervention, before
+        any weight changes: there is no partial merge. ``adapter_names`` picks the adapters (default:
+        the active ones, in stacking order); the others are dropped with the hooks.
+        """
+        return _fold_and_unload(self, adapter_names)
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory, *, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Write safetensors + JSON config (one subfolder per non-default adapter), atomically."""
@@ -537,9 +556,23 @@ def get_reft_model(model: nn.Module, config: ReftConfig | Mapping | Sequence, *,
     The base model's parameters are frozen (``disable_model_grads``); interventions are
     placed on the device of the layer they attach to (``set_device``).
     """
+    require_model(model, "model", "get_reft_model")
+    _check_config(config, "get_reft_model")
     if not isinstance(config, ReftConfig):
         config = ReftConfig(representations=config)
     if disable_model_grads:
         for param in model.parameters():
             param.requires_grad_(False)
     return ReftModel(model, config, adapter_name=adapter_name)
+
+
+def _check_config(config: Any, where: str) -> None:
+    """A ReftConfig, or what ``ReftConfig(representations=...)`` takes (a dict or a list of them)."""
+    if isinstance(config, (ReftConfig, RepresentationConfig, Mapping)):
+        return
+    if isinstance(config, Sequence) and not isinstance(config, (str, bytes)):
+        return
+    raise ReftConfigError(
+        f"{where}(config=...) expects a ReftConfig (or a representation dict, or a list of them), got "
+        f"{describe(config)}; e.g. ReftConfig({{'layer': 4, 'component': 'block_output', 'intervention': 'loreft'}})"
+    )

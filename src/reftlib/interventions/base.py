@@ -32,8 +32,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ReftConfigError
+from ..errors import MergeError, ReftConfigError
 from .rotation import OrthonormalRows
+from .steps import track
 
 _REGISTRY: dict[str, type[Intervention]] = {}
 
@@ -134,7 +135,9 @@ class Intervention(nn.Module):
         self.embed_dim: int | None = None
         self.dropout = nn.Dropout(float(dropout))
         self._built = False
+        self._claimed = False
         self._requested_embed_dim = embed_dim
+        track(self)
         if embed_dim is not None and self.unit == "pos":
             self.build(embed_dim=embed_dim)
 
@@ -181,12 +184,48 @@ class Intervention(nn.Module):
                 module.float()
         self._built = True
 
+    def claim(self) -> bool:
+        """Mark this instance as owned by a model; ``False`` when a model already owns it.
+
+        A model attaching a config adopts the instances nobody owns yet (pyreft style: the caller's
+        handle stays live) and builds fresh ones for the others, so models never share parameters.
+        """
+        if self._claimed:
+            return False
+        self._claimed = True
+        return True
+
     def build_parameters(self) -> None:  # pragma: no cover - every built-in overrides it
         """Create parameters; ``self.embed_dim`` (and head sizes) are set when this runs."""
 
     def get_config(self) -> dict[str, Any]:
         """Everything needed to rebuild this intervention: its type and constructor arguments."""
         return {"type": self.type_name, "embed_dim": self.embed_dim, **self.config}
+
+    # -- training and merging -------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step that updated one of this intervention's parameters.
+
+        Override to keep parameters on a constraint set (re-normalize a direction, clamp a scale).
+        Rotations inside an intervention take care of themselves (their own hook retracts them).
+        """
+
+    #: Whether :meth:`fold_into` can fold this edit into the projection that reads the site.
+    foldable: ClassVar[bool] = False
+
+    def fold_into(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Fold this edit into the linear map ``y = z @ weight + bias`` that reads the edited ``z``.
+
+        ``weight`` (``[in, out]``) and ``bias`` (``[out]``) are fp32 copies (fp64 for a float64 model),
+        edited in place so that
+        the projection of the *unedited* ``z`` equals the projection of the edited one, at every
+        position. Only edits that are affine in ``z`` with constant coefficients can do this (LoFiT's
+        head scales and offsets); input-dependent edits such as LoReFT's cannot and raise.
+        """
+        raise MergeError(
+            f"{type(self).__name__} is not foldable into the model's weights: its edit depends on the hidden "
+            "state. Keep using the ReftModel (or merge only the foldable adapters)"
+        )
 
     # -- math ---------------------------------------------------------------------------
     def edit(self, h: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Only the heads in ``heads`` get a parameter row; every other head is untouched. Applied at
 every position, the offset folds exactly into the output projection's bias (see
-:func:`reftlib.lofit.merge_and_unload`).
+:meth:`reftlib.ReftModel.merge_and_unload`).
 """
 
 from __future__ import annotations
@@ -48,3 +48,12 @@ class HeadBiasIntervention(HeadIntervention):
         offsets = h.new_zeros(h.shape[-2:])
         offsets = offsets.index_copy(0, self.head_index, self.bias.to(h.dtype))
         return offsets.expand_as(h)
+
+    foldable = True
+
+    @torch.no_grad()
+    def fold_into(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """``(z + v) @ W + b = z @ W + (b + v @ W)``: the offsets move into the projection's bias."""
+        offsets = weight.new_zeros(self.num_heads, self.head_dim)
+        offsets[self.head_index.to(weight.device)] = self.bias.detach().to(weight.device, weight.dtype)
+        bias += offsets.reshape(-1) @ weight

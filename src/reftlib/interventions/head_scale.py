@@ -25,6 +25,13 @@ class HeadScaleIntervention(HeadIntervention):
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         return h * self.scale.to(h.dtype)
 
+    foldable = True
+
+    @torch.no_grad()
+    def fold_into(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """``(z ⊙ (1 + A)) @ W = z @ (diag(1 + A) W)``: scale the input rows of the projection."""
+        weight *= (1.0 + self.scale.detach().to(weight.dtype)).reshape(-1, 1).to(weight.device)
+
     def head_scores(self) -> torch.Tensor:
         """``‖A_h‖₂`` per head: LoFiT's importance score."""
         return self.scale.detach().float().norm(dim=-1)

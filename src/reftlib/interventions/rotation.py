@@ -32,35 +32,10 @@ pyreft's Householder parametrization (``dQ ≈ 2·dA``). After every optimizer s
 
 from __future__ import annotations
 
-import itertools
-import weakref
-
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-# Fused optimizers update parameters without bumping ``Tensor._version``, so the no-grad cache
-# is also keyed on a global counter advanced after every optimizer step.
-_optimizer_steps = itertools.count()
-_step = [0]
-
-
-#: Every live :class:`OrthonormalRows`, so that optimizer steps can retract the ones they updated.
-_live: weakref.WeakSet = weakref.WeakSet()
-
-
-def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    _step[0] = next(_optimizer_steps)
-    if not _live:
-        return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for module in list(_live):
-        raw = module.raw
-        if id(raw) in stepped and raw.grad is not None:
-            module.retract()
-
-
-register_optimizer_step_post_hook(_after_optimizer_step)
+from .steps import track
 
 #: Length of ``raw``'s columns at initialization and after :meth:`OrthonormalRows.set_weight`
 #: (see the module notes: it sets how fast optimizers turn R, not R itself).
@@ -76,7 +51,7 @@ class OrthonormalRows(nn.Module):
         nn.init.orthogonal_(raw, gain=INIT_COLUMN_NORM)
         self.raw = nn.Parameter(raw)
         self._cache: tuple[tuple, torch.Tensor] | None = None
-        _live.add(self)
+        track(self)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -84,7 +59,7 @@ class OrthonormalRows(nn.Module):
         raw = self.raw
         if torch.is_grad_enabled() and raw.requires_grad:
             return rows_from_raw(raw)
-        key = (raw.data_ptr(), raw._version, _step[0], raw.device, raw.dtype)
+        key = (raw.data_ptr(), raw._version, raw.device, raw.dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
                 self._cache = (key, rows_from_raw(raw))
@@ -98,6 +73,19 @@ class OrthonormalRows(nn.Module):
         :data:`INIT_COLUMN_NORM`, so further training moves R as a freshly initialized one would.
         """
         self.raw.copy_(raw_from_columns(rows.detach().T) * INIT_COLUMN_NORM)
+
+    def clear_cache(self) -> None:
+        """Forget the cached ``R`` (it is recomputed on the next no-grad use)."""
+        self._cache = None
+
+    def after_optimizer_step(self) -> None:
+        """Retract ``raw`` after a step that updated it (see :mod:`reftlib.interventions.steps`).
+
+        Fused optimizers update ``raw`` without bumping its version counter; retracting writes
+        ``raw`` again (which does), and the cache is dropped explicitly as well.
+        """
+        self.retract()
+        self.clear_cache()
 
     @torch.no_grad()
     def retract(self) -> None:

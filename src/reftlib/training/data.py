@@ -49,7 +49,7 @@ import torch
 from ..checks import require_model, require_tokenizer
 from ..errors import InputError, PositionError
 from ..generation import encode_prompts
-from ..model import _max_positions
+from ..model import max_positions
 from ..positions import parse_position_spec, resolve_position_spec
 from .collator import IGNORE_INDEX, ReftDataCollator
 
@@ -123,7 +123,7 @@ def default_max_length(tokenizer: Any, model: Any = None) -> int:
     """``tokenizer.model_max_length`` capped at the model's ``max_position_embeddings`` (when known)."""
     limit = getattr(tokenizer, "model_max_length", None)
     limit = int(limit) if isinstance(limit, int) and 0 < limit < 10**9 else None
-    positions = _max_positions(model) if model is not None else None
+    positions = max_positions(model) if model is not None else None
     if positions is not None:
         limit = positions if limit is None else min(limit, positions)
     if limit is None:

@@ -34,9 +34,10 @@ What they change compared with a plain ``Trainer``:
   reports hits and misses; ``prefix_cache=False`` turns it off, ``True`` makes an uncacheable
   model an error.
 
-* **Fresh caches.** After every optimizer step the interventions' no-grad caches (LoReFT's
-  orthonormalized rotation) are dropped: the Trainer's default fused AdamW does not bump the
-  parameters' version counters, which those caches are keyed on.
+* **Interventions after each step.** Every optimizer step that updates an intervention calls its
+  ``after_optimizer_step()`` (:mod:`reftlib.interventions.steps`; the same in a hand-written loop):
+  LoReFT's rotation is retracted and its no-grad cache dropped, also under the Trainer's default
+  fused AdamW, which does not bump the parameters' version counters.
 
 Gradient checkpointing (``TrainingArguments(gradient_checkpointing=True)`` or
 ``reft_model.gradient_checkpointing_enable()``) works: reftlib keeps each call's positions for the
@@ -95,23 +96,12 @@ def load_intervention_weights(reft_model: ReftModel, folder: str | os.PathLike) 
 def refresh_intervention_caches(model: nn.Module) -> None:
     """Drop values that interventions cache between calls (e.g. LoReFT's orthonormalized rotation).
 
-    The rotation cache is keyed on the parameter's version counter, which fused optimizers
-    (``adamw_torch_fused``, the Trainer's default) do not bump; after an optimizer step the cached
-    rotation would otherwise be stale for the next no-grad call (evaluation, generation).
+    Optimizer steps do this by themselves (``after_optimizer_step``); call it after changing
+    intervention parameters in place by other means that bypass their version counters.
     """
     for module in model.modules():
         if isinstance(module, OrthonormalRows):
-            module._cache = None
-
-
-class _RefreshCaches(TrainerCallback):
-    """Calls :func:`refresh_intervention_caches` after every optimizer step and at the end of training."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            refresh_intervention_caches(model)
-
-    on_train_end = on_step_end
+            module.clear_cache()
 
 
 class _ResetPrefixCache(TrainerCallback):
@@ -169,7 +159,6 @@ class ReftTrainer(Trainer):
         )
         if self.is_fsdp_enabled:
             raise ReftConfigError("reftlib trainers do not support FSDP; interventions are small, use DDP (torchrun)")
-        self.add_callback(_RefreshCaches())
         self._flops_per_token: int | None = None
         #: Recorded hidden states below the interventions (``None`` with ``prefix_cache=False``).
         self.prefix_cache: PrefixCache | None = None
