@@ -18,7 +18,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, processors
 
 import reftlib
-from reftlib.errors import InputError, PositionError, ReftConfigError, ReftError
+from reftlib.errors import ArgumentTypeError, InputError, PositionError, ReftConfigError, ReftError
 from reftlib.evaluation import (
     TruthfulQAExample,
     answer_logprobs,
@@ -495,48 +495,49 @@ def test_exact_match_places_interventions_on_left_padded_prompts(
 # arguments are checked at the door
 # --------------------------------------------------------------------------------------------------
 def test_answer_logprobs_checks_its_arguments(llama: Any, tokenizer: Any) -> None:
-    with pytest.raises(ReftConfigError, match="got a tokenizer"):
+    with pytest.raises(ArgumentTypeError, match="that is a tokenizer"):
         answer_logprobs(tokenizer, llama, ["x"], [" y"], progress=False)
-    with pytest.raises(ReftConfigError, match="model called as model"):
+    with pytest.raises(ReftConfigError, match=r"answer_logprobs\(model=\.\.\.\) expects a model called as"):
         answer_logprobs("HuggingFaceTB/SmolLM2-135M", tokenizer, ["x"], [" y"], progress=False)
-    with pytest.raises(ReftConfigError, match="tokenizer"):
+    with pytest.raises(ReftConfigError, match=r"tokenizer=\.\.\.\) expects a tokenizer"):
         answer_logprobs(llama, None, ["x"], [" y"], progress=False)
-    with pytest.raises(ReftConfigError, match="tokenizer"):
+    with pytest.raises(ReftConfigError, match="that is a model"):
         answer_logprobs(llama, llama, ["x"], [" y"], progress=False)
-    with pytest.raises(InputError, match="prompts must be a list of strings, got a single string"):
+    with pytest.raises(ReftConfigError, match=r"prompts=\.\.\.\) expects a list of strings, got str 'x'"):
         answer_logprobs(llama, tokenizer, "x", [" y"], progress=False)
-    with pytest.raises(InputError, match=r"answers\[1\] must be a string"):
+    with pytest.raises(InputError, match=r"answers\[1\] is int, not a string"):
         answer_logprobs(llama, tokenizer, ["x", "y"], [" y", 3], progress=False)
-    with pytest.raises(InputError, match="prompts must be a list of strings"):
+    with pytest.raises(ReftConfigError, match=r"prompts=\.\.\.\) expects a list of strings, got None"):
         answer_logprobs(llama, tokenizer, None, [" y"], progress=False)
     with pytest.raises(InputError, match="batch_size"):
         answer_logprobs(llama, tokenizer, ["x"], [" y"], batch_size=0, progress=False)
+    assert answer_logprobs(llama, tokenizer, [], [], progress=False) == []
 
 
 def test_truthfulqa_mc_checks_its_arguments(llama: Any, tokenizer: Any) -> None:
     rows = [TruthfulQAExample("q?", "A", ["A"], ["B"])]
-    with pytest.raises(ReftConfigError, match="got a tokenizer"):
+    with pytest.raises(ArgumentTypeError, match="that is a tokenizer"):
         truthfulqa_mc(tokenizer, llama, rows, progress=False)
-    with pytest.raises(ReftConfigError, match="tokenizer"):
+    with pytest.raises(ReftConfigError, match=r"tokenizer=\.\.\.\) expects a tokenizer .*got str 'gpt2'"):
         truthfulqa_mc(llama, "gpt2", rows, progress=False)
-    with pytest.raises(InputError, match="TruthfulQAExample"):
+    with pytest.raises(InputError, match=r"rows\[0\] is tuple, not a TruthfulQAExample"):
         truthfulqa_mc(llama, tokenizer, [("q?", "A", ["A"], ["B"])], progress=False)
-    with pytest.raises(InputError, match="list of TruthfulQAExample"):
+    with pytest.raises(ReftConfigError, match="expects a list of TruthfulQAExample"):
         truthfulqa_mc(llama, tokenizer, rows[0], progress=False)
 
 
 def test_exact_match_checks_its_arguments(llama: Any, tokenizer: Any) -> None:
-    with pytest.raises(ReftConfigError, match=r"generate\(\)"):
+    with pytest.raises(ReftConfigError, match=r"expects a model with \.generate\(\)"):
         exact_match_generate(designed_model(tokenizer), tokenizer, ["x"], ["y"], progress=False)
-    with pytest.raises(ReftConfigError, match="got a tokenizer"):
+    with pytest.raises(ArgumentTypeError, match="that is a tokenizer"):
         exact_match_generate(tokenizer, llama, ["x"], ["y"], progress=False)
-    with pytest.raises(ReftConfigError, match="tokenizer"):
+    with pytest.raises(ReftConfigError, match=r"tokenizer=\.\.\.\) expects a tokenizer"):
         exact_match_generate(llama, object(), ["x"], ["y"], progress=False)
-    with pytest.raises(InputError, match="references must be a list of strings, got a single string"):
+    with pytest.raises(ReftConfigError, match=r"references=\.\.\.\) expects a list of strings, got str 'y'"):
         exact_match_generate(llama, tokenizer, ["x"], "y", progress=False)
     with pytest.raises(InputError, match="one list per prompt"):
         exact_match_generate(llama, tokenizer, ["x", "z"], ["y", "w"], aliases=[["a"]], progress=False)
-    with pytest.raises(InputError, match=r"aliases\[0\] must be a list of strings"):
+    with pytest.raises(ReftConfigError, match=r"aliases\[0\]=\.\.\.\) expects a list of strings"):
         exact_match_generate(llama, tokenizer, ["x"], ["y"], aliases=["a"], progress=False)
     with pytest.raises(InputError, match="max_new_tokens"):
         exact_match_generate(llama, tokenizer, ["x"], ["y"], max_new_tokens=0, progress=False)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from reftlib.errors import InputError, PositionError, ReftConfigError
+from reftlib.checks import describe, require_str_list, require_tokenizer
+from reftlib.errors import ArgumentTypeError, InputError, PositionError
 from reftlib.model import ReftModel
 from reftlib.positions import parse_position_spec, resolve_position_spec
 
@@ -43,52 +44,35 @@ PromptLocations = str | Sequence[Sequence[int]] | Mapping[str, str | Sequence[Se
 # --------------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------------
-def _is_tokenizer(obj: Any) -> bool:
-    """Whether ``obj`` looks like a Hugging Face tokenizer (has the token/id conversions)."""
-    return callable(obj) and hasattr(obj, "convert_tokens_to_ids") and hasattr(obj, "decode")
-
-
 def _check_model(model: Any, fn: str, needs_generate: bool = False) -> None:
-    """Raise :class:`ReftConfigError` unless ``model`` can be called (or can ``generate``) like a causal LM."""
+    """Raise :class:`~reftlib.errors.ArgumentTypeError` unless ``model`` can be called (or can
+    ``generate``) like a causal LM. Any callable is accepted, not only ``nn.Module``: wrappers and
+    test doubles with the same interface score too."""
     what = "a model with .generate() (a Hugging Face causal LM or a ReftModel)" if needs_generate else (
         "a model called as model(input_ids=..., attention_mask=...) returning .logits "
         "(a Hugging Face causal LM or a ReftModel)"
     )
-    if _is_tokenizer(model):
-        raise ReftConfigError(
-            f"{fn} expects {what} as its first argument but got a tokenizer ({type(model).__name__}); "
-            "pass (model, tokenizer, ...) in that order."
-        )
+    if hasattr(model, "convert_tokens_to_ids"):
+        hint = "; that is a tokenizer: check the order of the arguments (model, then tokenizer)"
+    elif isinstance(model, (str, bytes)):
+        hint = "; load the model first, e.g. AutoModelForCausalLM.from_pretrained(name)"
+    else:
+        hint = ""
     usable = callable(getattr(model, "generate", None)) if needs_generate else callable(model)
-    if not usable:
-        raise ReftConfigError(f"{fn} expects {what} as its first argument, got {type(model).__name__}.")
+    if hint or not usable:
+        raise ArgumentTypeError(f"{fn}(model=...) expects {what}, got {describe(model)}{hint}")
 
 
 def _check_tokenizer(tokenizer: Any, fn: str, for_generation: bool = False) -> None:
-    """Raise :class:`ReftConfigError` unless ``tokenizer`` is usable as a Hugging Face tokenizer."""
-    needed = ("padding_side", "batch_decode") if for_generation else ()
-    if (
-        isinstance(tokenizer, torch.nn.Module)
-        or not callable(tokenizer)
-        or not all(hasattr(tokenizer, name) for name in needed)
-    ):
-        extra = f" with {', '.join(needed)}" if needed else ""
-        raise ReftConfigError(
-            f"{fn} expects a Hugging Face tokenizer{extra} as its second argument (e.g. "
-            f"AutoTokenizer.from_pretrained(...)), got {type(tokenizer).__name__}."
+    """Raise :class:`~reftlib.errors.ArgumentTypeError` unless ``tokenizer`` is usable as a Hugging Face
+    tokenizer (generation also needs ``padding_side`` and ``batch_decode``)."""
+    require_tokenizer(tokenizer, "tokenizer", fn)
+    missing = [name for name in ("padding_side", "batch_decode") if for_generation and not hasattr(tokenizer, name)]
+    if missing:
+        raise ArgumentTypeError(
+            f"{fn}(tokenizer=...) expects a Hugging Face tokenizer with {' and '.join(missing)} (e.g. "
+            f"AutoTokenizer.from_pretrained(...)), got {describe(tokenizer)}"
         )
-
-
-def _check_texts(values: Any, name: str, fn: str) -> list[str]:
-    """``values`` as a list of strings, or an :class:`InputError` naming what was expected."""
-    if isinstance(values, (str, bytes)):
-        raise InputError(f"{fn}: {name} must be a list of strings, got a single string; wrap it: [{values!r}].")
-    if not isinstance(values, Sequence):
-        raise InputError(f"{fn}: {name} must be a list of strings, got {type(values).__name__}.")
-    for i, value in enumerate(values):
-        if not isinstance(value, str):
-            raise InputError(f"{fn}: {name}[{i}] must be a string, got {type(value).__name__} ({value!r}).")
-    return list(values)
 
 
 def _check_positive_int(value: Any, name: str) -> None:
@@ -303,16 +287,18 @@ def answer_logprobs(
     tokenizer encodes the prompt, with its special tokens: index 0 is the BOS when one is added).
 
     Raises:
-        ReftConfigError: if ``model`` is not a callable model or ``tokenizer`` not a tokenizer.
-        InputError: if ``prompts``/``answers`` are not lists of strings of the same length, a prompt
-            encodes to no token (nothing to condition the first answer token on) or an answer to none.
+        ArgumentTypeError: (a ``ReftConfigError``) if ``model`` is not a callable model, ``tokenizer``
+            not a tokenizer, or ``prompts``/``answers`` not lists of strings.
+        InputError: if an element of ``prompts``/``answers`` is not a string, the lists differ in length,
+            a prompt encodes to no token (nothing to condition the first answer token on) or an answer
+            to none.
         PositionError: if ``unit_locations`` is malformed or points past the end of a prompt.
     """
     fn = "answer_logprobs"
     _check_model(model, fn)
     _check_tokenizer(tokenizer, fn)
-    prompts = _check_texts(prompts, "prompts", fn)
-    answers = _check_texts(answers, "answers", fn)
+    prompts = require_str_list(prompts, "prompts", fn, allow_empty=True)
+    answers = require_str_list(answers, "answers", fn, allow_empty=True)
     if len(prompts) != len(answers):
         raise InputError(
             f"answer_logprobs got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt."
@@ -407,17 +393,18 @@ def truthfulqa_mc(
         ``correct_logprobs`` and ``incorrect_logprobs``.
 
     Raises:
-        ReftConfigError: if ``model`` is not a callable model or ``tokenizer`` not a tokenizer.
-        InputError: if ``rows`` is not a non-empty list of :class:`TruthfulQAExample` or a question has
-            no incorrect answer.
+        ArgumentTypeError: (a ``ReftConfigError``) if ``model`` is not a callable model, ``tokenizer``
+            not a tokenizer or ``rows`` not a list.
+        InputError: if ``rows`` is empty, holds something other than :class:`TruthfulQAExample` or a
+            question has no incorrect answer.
     """
     fn = "truthfulqa_mc"
     _check_model(model, fn)
     _check_tokenizer(tokenizer, fn)
     if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
-        raise InputError(
-            f"truthfulqa_mc expects a list of TruthfulQAExample (e.g. load_truthfulqa('test')), "
-            f"got {type(rows).__name__}."
+        raise ArgumentTypeError(
+            f"truthfulqa_mc(rows=...) expects a list of TruthfulQAExample (e.g. load_truthfulqa('test')), "
+            f"got {describe(rows)}"
         )
     if not rows:
         raise InputError(
@@ -426,8 +413,8 @@ def truthfulqa_mc(
     for i, row in enumerate(rows):
         if not isinstance(row, TruthfulQAExample):
             raise InputError(
-                f"truthfulqa_mc: rows[{i}] must be a TruthfulQAExample (from load_truthfulqa), "
-                f"got {type(row).__name__}."
+                f"truthfulqa_mc(rows=...): rows[{i}] is {describe(row)}, not a TruthfulQAExample "
+                "(from load_truthfulqa)"
             )
     prompts: list[str] = []
     answers: list[str] = []
@@ -515,24 +502,27 @@ def exact_match_generate(
         ``{"accuracy": fraction correct, "predictions": [str], "correct": [bool], "n": count}``.
 
     Raises:
-        ReftConfigError: if ``model`` has no ``generate`` or ``tokenizer`` is not a tokenizer.
-        InputError: if ``prompts``/``references`` are not lists of strings of the same length,
-            ``aliases`` not one list of strings per prompt, or the tokenizer has neither a pad nor an
-            EOS token.
+        ArgumentTypeError: (a ``ReftConfigError``) if ``model`` has no ``generate``, ``tokenizer`` is
+            not a tokenizer, or ``prompts``/``references``/``aliases`` are not lists of strings.
+        InputError: if the lists differ in length, an element is not a string, or the tokenizer has
+            neither a pad nor an EOS token.
         PositionError: if ``unit_locations`` is malformed or points past the end of a prompt.
     """
     fn = "exact_match_generate"
     _check_model(model, fn, needs_generate=True)
     _check_tokenizer(tokenizer, fn, for_generation=True)
-    prompts = _check_texts(prompts, "prompts", fn)
-    references = _check_texts(references, "references", fn)
+    prompts = require_str_list(prompts, "prompts", fn, allow_empty=True)
+    references = require_str_list(references, "references", fn, allow_empty=True)
     if len(prompts) != len(references):
         raise InputError(f"exact_match_generate got {len(prompts)} prompts but {len(references)} references.")
     if aliases is not None:
-        if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Sequence) or len(aliases) != len(prompts):
-            got = len(aliases) if isinstance(aliases, Sequence) else type(aliases).__name__
-            raise InputError(f"aliases must hold one list per prompt: got {got} for {len(prompts)} prompts.")
-        aliases = [_check_texts(a, f"aliases[{i}]", fn) for i, a in enumerate(aliases)]
+        if isinstance(aliases, (str, bytes)) or not isinstance(aliases, Sequence):
+            raise ArgumentTypeError(
+                f"exact_match_generate(aliases=...) expects one list of strings per prompt, got {describe(aliases)}"
+            )
+        if len(aliases) != len(prompts):
+            raise InputError(f"aliases must hold one list per prompt: got {len(aliases)} for {len(prompts)} prompts.")
+        aliases = [require_str_list(a, f"aliases[{i}]", fn, allow_empty=True) for i, a in enumerate(aliases)]
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(max_new_tokens, "max_new_tokens")
     plan = _location_plan(model, unit_locations, len(prompts), fn)
