@@ -240,9 +240,7 @@ def test_private_name_scan_finds_what_it_should(tmp_path):
 #: Private names of the core modules (model.py, hooks.py, config.py, positions.py) still used elsewhere,
 #: waiting for their public names. Entries are ``path: what`` without the line number; remove each
 #: one as it is renamed (the test below fails on an entry that no longer occurs).
-PENDING_RENAMES = {
-    "reftlib/training/trainer.py: from reftlib.hooks import _to_device",
-}
+PENDING_RENAMES: set[str] = set()
 
 
 def test_no_private_name_is_imported_across_modules():

@@ -90,9 +90,9 @@ class CallContext:
                 pos = torch.where(pos >= start, pos - start, -1)
             valid = pos >= 0
             all_valid = bool(valid.all())  # a CPU tensor: no device synchronization
-            pos = _to_device(pos.clamp(min=0), device)
+            pos = to_device(pos.clamp(min=0), device)
             rows = torch.arange(batch, device=device).unsqueeze(1).expand_as(pos)
-            hit = (rows, pos, None if all_valid else _to_device(valid, device))
+            hit = (rows, pos, None if all_valid else to_device(valid, device))
             self._cache[cache_key] = hit
         return hit
 
@@ -104,12 +104,12 @@ class CallContext:
         cache_key = ("rows", adapter, device, batch)
         hit = self._cache.get(cache_key)
         if hit is None:
-            hit = _to_device(self._expand_rows(mask, batch), device)
+            hit = to_device(self._expand_rows(mask, batch), device)
             self._cache[cache_key] = hit
         return hit
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small CPU tensor to ``device`` without blocking the host.
 
     On CUDA a copy from pageable memory waits for the stream; copying from pinned memory with

@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..checks import require_instance, require_processing_class, require_reft_model
+from ..checks import require_instance, require_processing_class, require_reft_model, unwrap_model
 from ..errors import CheckpointError, ReftConfigError
-from ..hooks import _to_device
+from ..hooks import to_device
 from ..interventions.rotation import OrthonormalRows
 from ..model import ReftModel
 from ..runtime import innermost_model
@@ -183,7 +183,7 @@ class ReftTrainer(Trainer):
     @property
     def reft_model(self) -> ReftModel:
         """The (unwrapped) :class:`~reftlib.ReftModel` being trained."""
-        return _unwrap(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
+        return unwrap_model(self.accelerator.unwrap_model(self.model, keep_torch_compile=False))
 
     # ------------------------------------------------------------------ training step
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -197,7 +197,7 @@ class ReftTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the ReftModel's and the base model's forward arguments (``input_ids`` lives on the latter)."""
         if self._signature_columns is None:
-            reft_model = _unwrap(self.model)
+            reft_model = unwrap_model(self.model)
             names: list[str] = []
             for fn in (reft_model.forward, reft_model.model.forward):
                 for name, param in inspect.signature(fn).parameters.items():
@@ -264,7 +264,7 @@ class ReftTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the interventions saved in ``resume_from_checkpoint`` into the model being trained."""
-        target = _unwrap(self.accelerator.unwrap_model(model if model is not None else self.model))
+        target = unwrap_model(self.accelerator.unwrap_model(model if model is not None else self.model))
         load_intervention_weights(target, resume_from_checkpoint)
         _load_lora_weights(target, resume_from_checkpoint)
 
@@ -391,7 +391,7 @@ class ReftTrainerForCausalLM(ReftTrainer):
             return None
         self._output_head = head
         device = next(head.parameters()).device
-        rows, columns = (_to_device(index, device) for index in supervised)
+        rows, columns = (to_device(index, device) for index in supervised)
 
         def pick(module: nn.Module, args: tuple) -> tuple | None:
             if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
@@ -436,7 +436,7 @@ class ReftTrainerForSequenceClassification(ReftTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         model = kwargs.get("model", args[0] if args else None)
-        if model is not None and not isinstance(_unwrap(model), ReftModelForSequenceClassification):
+        if model is not None and not isinstance(unwrap_model(model), ReftModelForSequenceClassification):
             raise ReftConfigError(
                 "ReftTrainerForSequenceClassification trains a ReftModelForSequenceClassification; build one with "
                 "reftlib.training.get_reft_model_for_sequence_classification(model, config, num_labels=...)"
@@ -461,18 +461,6 @@ class ReftTrainerForSequenceClassification(ReftTrainer):
             count = torch.as_tensor(count, device=loss.device)
         loss = self._normalize(loss, count, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-
-def _unwrap(model: Any) -> Any:
-    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _trained_peft_model(reft_model: ReftModel) -> nn.Module | None:
