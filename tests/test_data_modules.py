@@ -137,6 +137,16 @@ def test_split_halves_are_what_the_data_module_gives_each_half(tok, llama):
     assert cols["intervention_locations"][0] == [row + [-1] * (width - len(row)) for row in expected]
 
 
+def test_split_halves_on_a_short_prompt_match_generation(tok, llama):
+    """On a prompt shorter than f + l, each half is what its saved spec resolves to at generation."""
+    cols = make_supervised_examples(tok, ["ab"], ["!"], "f2+l2", num_interventions=2, share_weights=False,
+                                    max_length=64)  # BOS + 2 tokens: f2 and l2 overlap on one token
+    mask = torch.ones(1, 3, dtype=torch.long)
+    expected = [reftlib.resolve_position_spec(half, mask)[0].tolist() for half in ("f2", "l2")]
+    assert expected == [[0, 1], [1, 2]]
+    assert cols["intervention_locations"][0] == expected
+
+
 def test_split_needs_even_number_of_interventions(tok, llama):
     with pytest.raises(PositionError, match="even"):
         make_multiple_position_supervised_data_module(tok, llama, ["abc"], ["!"], positions="f1+l1", num_interventions=3)

@@ -38,7 +38,7 @@ from .interventions import (
 )
 from .io import get_adapter_state_dict, set_adapter_state_dict
 from .model import ReftModel, get_reft_model
-from .positions import last_position, parse_position_spec, resolve_position_spec
+from .positions import last_position, parse_position_spec, resolve_position_spec, split_position_spec
 
 __version__ = "0.1.0"
 
@@ -128,4 +128,5 @@ __all__ = [
     "resolve_position_spec",
     "resolve_site",
     "set_adapter_state_dict",
+    "split_position_spec",
 ]

@@ -51,6 +51,24 @@ def parse_position_spec(spec: str) -> tuple[int, int] | None:
     return first, last
 
 
+def split_position_spec(spec: str, share_weights: bool = False) -> tuple[str, str] | None:
+    """The ``("f<n>", "l<m>")`` halves of a two-part spec whose parts go to different interventions, else None.
+
+    pyreft's convention for ``"f<n>+l<m>"`` with ``share_weights=False``: the first half of the
+    interventions acts on the first ``n`` prompt tokens and the second half on the last ``m``
+    (configs list each layer twice). Returns ``None`` when nothing is split: ``share_weights=True``
+    (every intervention gets the whole spec), a one-part spec (``"l1"``, ``"f3"``) or ``"all"``.
+    The data modules (each half resolved on its own, as at generation), ``reftlib train``
+    (:class:`reftlib.train_config.TrainConfig`) and the positions saved with trained interventions
+    all follow this one rule. An unparsable spec
+    raises :class:`~reftlib.errors.PositionError`.
+    """
+    parsed = parse_position_spec(spec)
+    if share_weights or parsed is None or not (parsed[0] and parsed[1]):
+        return None
+    return f"f{parsed[0]}", f"l{parsed[1]}"
+
+
 def resolve_position_spec(spec: str, attention_mask: torch.Tensor) -> torch.Tensor | None:
     """Positions ``[batch, n_first + n_last]`` for each row's real tokens (``-1`` where a row is too short).
 

@@ -27,7 +27,7 @@ from typing import Any
 from .config import COMPONENTS, ReftConfig
 from .errors import ReftConfigError, ReftError
 from .interventions import intervention_class, registered_interventions
-from .positions import parse_position_spec
+from .positions import parse_position_spec, split_position_spec
 
 __all__ = [
     "CONFIG_KEYS",
@@ -164,10 +164,8 @@ class TrainConfig:
     def position_halves(self) -> tuple[str, str] | None:
         """``("f<n>", "l<m>")`` when each layer gets two interventions (``f`` and ``l`` parts), else None.
 
-        The rule is :func:`reftlib.training.split_position_spec`'s, the one the data modules follow.
+        The rule is :func:`reftlib.positions.split_position_spec`'s, the one the data modules follow.
         """
-        from .training.data import split_position_spec  # the training package loads only when needed
-
         return split_position_spec(self.positions, self.share_weights)
 
     @property

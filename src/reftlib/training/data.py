@@ -17,13 +17,14 @@ How an example is built
 * **Positions** (``intervention_locations``, ``[num_interventions, n_positions]``) index the
   example's ids and always fall on *prompt* tokens; ``-1`` marks padding. ``"l1"`` is the last
   prompt token, ``"f3"`` the first three, ``"f7+l7"`` the first seven and the last seven, where a
-  token already covered by the ``f`` part is not repeated in the ``l`` part (short prompts get
-  ``-1`` entries, never duplicates and never a "sink" token). This is the same rule as
+  token already covered by the ``f`` part is not repeated in the ``l`` part when one intervention
+  gets both (short prompts get ``-1`` entries, never duplicates and never a "sink" token). This is the same rule as
   :func:`reftlib.resolve_position_spec`, which computes them.
 * **Weight sharing** (pyreft's convention, which pairs with configs listing the layers twice):
   with ``share_weights=False`` and a spec with both parts, the first half of the interventions
   gets the ``f`` positions and the second half the ``l`` positions (``num_interventions`` must
-  be even); with ``share_weights=True`` every intervention gets ``f`` + ``l``.
+  be even), each half resolved on its own exactly as its saved spec is at generation; with
+  ``share_weights=True`` every intervention gets ``f`` + ``l``.
   :func:`split_position_spec` states this rule for everything else that needs it.
 * **Length.** Examples longer than ``max_length`` (default: ``tokenizer.model_max_length``
   capped at the model's ``max_position_embeddings``) lose output tokens first (EOS included).
@@ -50,7 +51,7 @@ from ..checks import require_model, require_tokenizer
 from ..errors import InputError, PositionError
 from ..generation import encode_prompts
 from ..model import max_positions
-from ..positions import parse_position_spec, resolve_position_spec
+from ..positions import parse_position_spec, resolve_position_spec, split_position_spec
 from .collator import IGNORE_INDEX, ReftDataCollator
 
 logger = logging.getLogger(__name__)
@@ -135,23 +136,6 @@ def default_max_length(tokenizer: Any, model: Any = None) -> int:
 
 
 # --------------------------------------------------------------------------- positions
-def split_position_spec(spec: str, share_weights: bool = False) -> tuple[str, str] | None:
-    """The ``("f<n>", "l<m>")`` halves of a two-part spec whose parts go to different interventions, else None.
-
-    pyreft's convention for ``"f<n>+l<m>"`` with ``share_weights=False``: the first half of the
-    interventions acts on the first ``n`` prompt tokens and the second half on the last ``m``
-    (configs list each layer twice). Returns ``None`` when nothing is split: ``share_weights=True``
-    (every intervention gets the whole spec), a one-part spec (``"l1"``, ``"f3"``) or ``"all"``.
-    The data modules, ``reftlib train`` (:class:`reftlib.train_config.TrainConfig`) and the
-    positions saved with trained interventions all follow this one rule. An unparsable spec
-    raises :class:`~reftlib.errors.PositionError`.
-    """
-    parsed = parse_position_spec(spec)
-    if share_weights or parsed is None or not (parsed[0] and parsed[1]):
-        return None
-    return f"f{parsed[0]}", f"l{parsed[1]}"
-
-
 def _spec_columns(spec: str, prompt_lengths: list[int]) -> tuple[torch.Tensor | None, int, int]:
     """Positions ``[n_examples, n_first + n_last]`` for a spec, computed on each prompt's tokens."""
     parsed = parse_position_spec(spec)
@@ -180,21 +164,21 @@ def _spec_locations(spec: str, prompt_lengths: list[int], num_interventions: int
     if columns is None:  # "all": every prompt token
         width = max(prompt_lengths, default=0)
         return [[_pad_row(list(range(n)), width)] * num_interventions for n in prompt_lengths]
-    rows = columns.tolist()
-    if split_position_spec(spec, share_weights) is None:
-        return [[row] * num_interventions for row in rows]
+    halves = split_position_spec(spec, share_weights)
+    if halves is None:
+        return [[row] * num_interventions for row in columns.tolist()]
     if num_interventions % 2:
         raise PositionError(
             f"positions={spec!r} with share_weights=False gives the first half of the interventions the 'f' "
             f"positions and the second half the 'l' positions, so num_interventions must be even (got "
             f"{num_interventions}); list each layer twice in the config, or pass share_weights=True"
         )
+    # Each half is resolved on its own, as the spec saved with each intervention ("f2", "l3") is at
+    # generation: on a prompt shorter than n + m tokens both halves may cover the same token.
+    (firsts, _, _), (lasts, _, _) = (_spec_columns(part, prompt_lengths) for part in halves)
     half, width = num_interventions // 2, max(n_first, n_last)
-    result = []
-    for row in rows:
-        first, last = _pad_row(row[:n_first], width), _pad_row(row[n_first:], width)
-        result.append([first] * half + [last] * half)
-    return result
+    return [[_pad_row(first, width)] * half + [_pad_row(last, width)] * half
+            for first, last in zip(firsts.tolist(), lasts.tolist())]
 
 
 def _explicit_locations(positions: Sequence[Any], prompt_lengths: list[int], num_interventions: int,
