@@ -12,8 +12,10 @@ how to get the right object::
 Every check returns its argument (unchanged, except :func:`require_str_list`, which returns a list),
 so it can be used inline: ``model = require_model(model, "model", "select_heads")``.
 
-This module imports nothing heavy and nothing else from reftlib at import time, so any module
-(:mod:`reftlib.model` included) can use it.
+This module imports nothing heavy and nothing else from reftlib (but :mod:`reftlib.errors`), so any
+module (:mod:`reftlib.model` included) can use it. It recognizes a ReftModel through the class that
+:mod:`reftlib.model` registers with :func:`register_reft_model_class` when it is imported (anyone
+holding a ReftModel has imported it), so the layering stays one-way: checks never import the model.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from torch import nn
 
-from .errors import ArgumentTypeError, InputError
+from .errors import ArgumentTypeError, InputError, ReftError
 
 if TYPE_CHECKING:
     from .model import ReftModel
 
 __all__ = [
     "describe",
+    "register_reft_model_class",
+    "registered_reft_model_class",
     "require_instance",
     "require_model",
     "require_processing_class",
@@ -44,6 +48,32 @@ T = TypeVar("T")
 _REFT_MODEL = "a ReftModel (from reftlib.get_reft_model)"
 _HF_MODEL = "a Hugging Face model (e.g. AutoModelForCausalLM.from_pretrained(...))"
 _TOKENIZER = "a tokenizer (e.g. AutoTokenizer.from_pretrained(...))"
+
+_reft_model_classes: list[type] = []  # filled by reftlib.model when it is imported
+
+
+def register_reft_model_class(cls: type) -> type:
+    """Record ``cls`` as the ReftModel class the checks recognize (its subclasses are recognized too).
+
+    :mod:`reftlib.model` calls this right after defining :class:`~reftlib.ReftModel`, so this module
+    can test ``isinstance`` without importing the model (which imports this module). Returns ``cls``.
+    """
+    if not isinstance(cls, type):
+        raise ArgumentTypeError(f"register_reft_model_class(cls=...) expects a class, got {describe(cls)}")
+    if cls not in _reft_model_classes:
+        _reft_model_classes.append(cls)
+    return cls
+
+
+def registered_reft_model_class() -> type[ReftModel]:
+    """The class registered first with :func:`register_reft_model_class`: :class:`reftlib.ReftModel`.
+
+    Loading functions outside :mod:`reftlib.model` (e.g. :func:`reftlib.io.load_reft_model`) build
+    this class by default without importing the model module.
+    """
+    if not _reft_model_classes:  # only reachable if reftlib.model failed to import
+        raise ReftError("no ReftModel class is registered; import reftlib (or reftlib.model) first")
+    return _reft_model_classes[0]
 
 
 def describe(obj: Any) -> str:
@@ -75,9 +105,7 @@ def _error(where: str, argument: str, expected: str, obj: Any, hint: str | None 
 
 
 def _is_reft_model(obj: Any) -> bool:
-    from .model import ReftModel
-
-    return isinstance(unwrap_model(obj), ReftModel)
+    return isinstance(unwrap_model(obj), tuple(_reft_model_classes))
 
 
 def _looks_like_tokenizer(obj: Any) -> bool:
@@ -137,9 +165,7 @@ def require_reft_model(obj: Any, argument: str, where: str, *, cls: type | None 
     if obj is None and optional:
         return obj
     if cls is None:
-        from .model import ReftModel
-
-        cls = ReftModel
+        cls = tuple(_reft_model_classes)
     if isinstance(unwrap_model(obj), cls):
         return obj
     if isinstance(obj, nn.Module) and getattr(obj, "config", None) is not None and not _is_reft_model(obj):

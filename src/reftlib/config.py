@@ -32,6 +32,8 @@ CONFIG_FILE_NAME = "reft_config.json"
 #: 2: rotations (``*.rotate_layer.raw``) are stored in the mixed basis of
 #: :mod:`reftlib.interventions.rotation`; version-1 files (hidden-state basis) are converted on reading.
 FORMAT_VERSION = 2
+#: The name of a model's first adapter unless another is given (also re-exported by :mod:`reftlib.model`).
+DEFAULT_ADAPTER = "default"
 
 _REPRESENTATION_KEYS = {
     "layer", "component", "low_rank_dimension", "intervention", "intervention_type", "intervention_kwargs",

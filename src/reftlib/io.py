@@ -1,7 +1,11 @@
 """Saving and loading interventions: safetensors + JSON, atomic, never pickle.
 
-This module is the one owner of reftlib's on-disk format: the trainer's checkpoints, the
-pyreft converter and the command line all read and write folders through it.
+This package's on-disk format is owned by this module and the three it re-exports (every name
+below is importable from ``reftlib.io``): :mod:`reftlib.adapter_state` (tensor names, reading and
+replacing an adapter's tensors), :mod:`reftlib.folders` (file names and reading saved folders)
+and :mod:`reftlib.hub` (Hub repos and the model card); pyreft folders are read by
+:mod:`reftlib.pyreft_format`. This module writes folders and loads them onto models; the
+trainer's checkpoints, the pyreft converter and the command line all go through it.
 
 Layout of a saved folder (PEFT-style)::
 
@@ -18,10 +22,10 @@ same tensors are named ``adapters.<adapter name>.<intervention key>.<parameter>`
 (:func:`state_dict_key`).
 
 Every file is written to a temporary name, flushed to disk and renamed over the old one
-(``os.replace`` is atomic), so an interrupted save leaves the previous save intact. The
-safetensors file is self-describing (its metadata holds the config), so a folder is always
-loadable from that one file even if a crash separated it from its JSON copy. Every reader
-checks the format version and refuses files written by a newer reftlib.
+(``os.replace`` is atomic, see :mod:`reftlib.atomic`), so an interrupted save leaves the previous
+save intact. The safetensors file is self-describing (its metadata holds the config), so a
+folder is always loadable from that one file even if a crash separated it from its JSON copy.
+Every reader checks the format version and refuses files written by a newer reftlib.
 """
 
 from __future__ import annotations
@@ -29,19 +33,41 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_dumps
 
-from .checks import require_model, require_reft_model
-from .config import FORMAT_NAME, FORMAT_VERSION, ReftConfig
+from .adapter_state import (
+    EXTRA_PREFIX,
+    adapter_modules,
+    get_adapter_state_dict,
+    set_adapter_state_dict,
+    split_extra,
+    state_dict_key,
+    state_dict_mismatch,
+)
+from .atomic import atomic_write_bytes
+from .checks import registered_reft_model_class, require_model, require_reft_model
+from .config import DEFAULT_ADAPTER, FORMAT_NAME, FORMAT_VERSION, ReftConfig
 from .errors import AdapterError, CheckpointError, ReftConfigError, ReftError
-from .model import DEFAULT_ADAPTER
+from .folders import (
+    CONFIG_METADATA_KEY,
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_format_version,
+    holds_adapters,
+    read_adapter,
+    read_adapter_config,
+    read_index,
+    saved_adapters,
+    upgrade_tensors,
+)
+from .hub import model_card, push_to_hub, resolve_folder
+from .pyreft_format import PYREFT_CONFIG_NAME, is_pyreft_folder
 
 if TYPE_CHECKING:
     from .model import ReftModel
@@ -64,157 +90,29 @@ __all__ = [
     "load_adapter_into",
     "load_reft_model",
     "load_weights_in_place",
+    "model_card",
+    "push_to_hub",
     "read_adapter",
     "read_adapter_config",
     "read_index",
     "resolve_folder",
+    "save_adapter",
     "save_reft_model",
     "saved_adapters",
     "set_adapter_state_dict",
     "split_extra",
     "state_dict_key",
+    "upgrade_tensors",
     "write_adapter_files",
     "write_index",
 ]
-
-CONFIG_NAME = "reft_config.json"
-WEIGHTS_NAME = "reft_model.safetensors"
-INDEX_NAME = "reft_adapters.json"
-PYREFT_CONFIG_NAME = "config.json"  # a pyreft / pyvene save folder: config.json + intkey_<key>.bin files
-EXTRA_PREFIX = "__extra__."
-_PYREFT_WEIGHTS_GLOB = "intkey_*.bin"
-_METADATA_KEY = "reftlib_config"
 
 #: The keyword arguments ``ReftModel.save_pretrained`` accepts (anything else is refused).
 SAVE_PRETRAINED_ARGUMENTS = ("selected_adapters", "adapter_names", "is_main_process", "state_dict",
                              "safe_serialization")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # mkstemp creates 0600 files; saved files follow the umask instead
-
-
-# --------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress():
-            os.unlink(tmp)
-        raise
-    with _suppress():  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
-
-
-# --------------------------------------------------------------------------- naming and detection
-def state_dict_key(adapter_name: str, key: str = "") -> str:
-    """The name of adapter tensor ``key`` (``<intervention key>.<parameter>``) in ``reft_model.state_dict()``.
-
-    ``state_dict_key("default", "layer_1_block_output.learned_source.bias")`` is
-    ``"adapters.default.layer_1_block_output.learned_source.bias"``; with ``key=""`` it is the
-    prefix shared by all the adapter's tensors. Adapter and intervention names hold no dots,
-    so the prefix is unambiguous.
-    """
-    return f"adapters.{adapter_name}.{key}"
-
-
-def split_extra(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(intervention tensors, extra tensors)`` of a saved file; the extras lose their ``__extra__.`` prefix."""
-    plain = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
-    extra = {k.removeprefix(EXTRA_PREFIX): v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
-    return plain, extra
-
-
-def is_pyreft_folder(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` looks like a pyreft/pyvene save (``config.json`` + ``intkey_*.bin``)."""
-    directory = Path(directory)
-    return (directory / PYREFT_CONFIG_NAME).is_file() and any(directory.glob(_PYREFT_WEIGHTS_GLOB))
-
-
-def holds_adapters(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds saved interventions: reftlib's weights or index, or a pyreft save."""
-    directory = Path(directory)
-    return (directory / WEIGHTS_NAME).is_file() or (directory / INDEX_NAME).is_file() or is_pyreft_folder(directory)
-
-
-def check_format_version(data: Any, where: str | os.PathLike) -> None:
-    """Refuse a config or index (``data``) that a newer reftlib wrote, or that is not reftlib's.
-
-    Raises:
-        CheckpointError: ``format`` is not ``"reftlib"``, or ``format_version`` is not an integer
-            or is newer than :data:`reftlib.config.FORMAT_VERSION`.
-    """
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}; the file is corrupted")
-    if data.get("format", FORMAT_NAME) != FORMAT_NAME:
-        raise CheckpointError(f"{where}: format {data.get('format')!r} is not a reftlib file")
-    version = data.get("format_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CheckpointError(f"{where}: format_version {version!r} is not a positive integer; the file is corrupted")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{where} was written by a newer reftlib (format version {version}; this reftlib reads up to "
-            f"{FORMAT_VERSION}); upgrade with `pip install -U reftlib`"
-        )
-
-
-# --------------------------------------------------------------------------- adapter index
-def read_index(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``reft_adapters.json`` of a multi-adapter folder (validated, version-checked), or ``None``.
-
-    Raises:
-        CheckpointError: the index is not valid JSON, lacks its ``adapters`` map, names a subfolder
-            outside ``folder``, or was written by a newer reftlib.
-    """
-    folder = Path(folder)
-    index_path = folder / INDEX_NAME
-    if not index_path.exists():
-        return None
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        adapters = index["adapters"]
-        if not isinstance(adapters, dict) or not adapters or not all(isinstance(v, str) for v in adapters.values()):
-            raise TypeError("'adapters' must map adapter names to subfolders")
-        active = index.get("active") or []
-        if not isinstance(active, list) or not all(name in adapters for name in active):
-            raise TypeError("'active' must list saved adapters")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path} is corrupted ({exc}); re-save the folder") from exc
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {index_path} ({exc})") from exc
-    check_format_version(index, index_path)
-    for name, sub in adapters.items():
-        parts = PurePosixPath(sub).parts
-        if PurePosixPath(sub).is_absolute() or ".." in parts or "\\" in sub:
-            raise CheckpointError(f"{index_path}: adapter {name!r} points outside the folder ({sub!r}); refusing it")
-    return index
-
-
+# --------------------------------------------------------------------------- save
 def write_index(folder: str | os.PathLike, adapters: Mapping[str, str], active: Sequence[str]) -> None:
     """Write ``reft_adapters.json`` (atomically): ``{adapter name: subfolder}`` and the active adapters."""
     index = {
@@ -226,114 +124,6 @@ def write_index(folder: str | os.PathLike, adapters: Mapping[str, str], active: 
     atomic_write_bytes(Path(folder) / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
 
-def saved_adapters(folder: str | os.PathLike, default_name: str = DEFAULT_ADAPTER) -> tuple[dict[str, str], list[str]]:
-    """``({adapter name: subfolder}, active adapter names)`` of a saved folder.
-
-    A folder with an index lists its adapters; a single-adapter folder (reftlib's or pyreft's)
-    holds one adapter at ``"."``, named ``default_name``.
-
-    Raises:
-        CheckpointError: the folder holds no saved interventions, or its index is corrupted or newer.
-    """
-    folder = Path(folder)
-    index = read_index(folder)
-    if index is not None:
-        adapters = dict(index["adapters"])
-        return adapters, list(index.get("active") or list(adapters)[:1])
-    if not holds_adapters(folder):
-        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}; is this a folder saved by reftlib's save_pretrained?")
-    return {default_name: "."}, [default_name]
-
-
-# --------------------------------------------------------------------------- adapter state dicts
-def _adapter_modules(reft_model: ReftModel, adapter_name: str) -> torch.nn.Module:
-    if not isinstance(adapter_name, str) or adapter_name not in reft_model.adapters:
-        raise AdapterError(f"unknown adapter {adapter_name!r}; this model has adapters {reft_model.adapter_names}")
-    return reft_model.adapters[adapter_name]
-
-
-def _mismatch(expected: Mapping[str, torch.Tensor], tensors: Mapping[str, Any]) -> str | None:
-    """Why ``tensors`` cannot replace ``expected`` (missing / unexpected names, shapes), or ``None``."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        return f"tensors do not match the config (missing {missing}, unexpected {unexpected})"
-    for key, value in tensors.items():
-        if not isinstance(value, torch.Tensor):
-            return f"{key} is a {type(value).__name__}, not a tensor"
-        if tuple(expected[key].shape) != tuple(value.shape):
-            return f"tensor {key} has shape {tuple(value.shape)} but this model needs {tuple(expected[key].shape)}"
-    return None
-
-
-def _from_full_state_dict(state_dict: Mapping[str, Any], adapter_name: str) -> dict[str, Any] | None:
-    """The entries of adapter ``adapter_name`` in a full ``reft_model.state_dict()``, or ``None`` if it has none."""
-    prefix = state_dict_key(adapter_name)
-    if not any(isinstance(k, str) and k.startswith(prefix) for k in state_dict):
-        return None
-    return {k[len(prefix):]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)}
-
-
-def get_adapter_state_dict(reft_model: ReftModel, adapter_name: str = DEFAULT_ADAPTER,
-                           state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, keyed ``<intervention key>.<parameter>`` (as saved), on the CPU.
-
-    Args:
-        reft_model: the model holding the adapter.
-        adapter_name: which adapter.
-        state_dict: optionally a full state dict of ``reft_model`` (the keys of
-            ``reft_model.state_dict()``, as FSDP or DeepSpeed gather it): the adapter's tensors are
-            taken from its ``adapters.<adapter_name>.*`` entries instead of the live modules, and
-            every other entry (``model.*`` base weights, other adapters) is ignored. They are cast
-            to the dtype of the live parameters, so the file matches its config.
-
-    Raises:
-        AdapterError: no adapter of that name.
-        ReftConfigError: ``state_dict`` lacks tensors of the adapter or has them in other shapes.
-    """
-    live = _adapter_modules(reft_model, adapter_name).state_dict()
-    if state_dict is None:
-        return {name: tensor.detach().contiguous().cpu() for name, tensor in live.items()}
-    if not isinstance(state_dict, Mapping):
-        raise ReftConfigError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    taken = _from_full_state_dict(state_dict, adapter_name)
-    if taken is None:
-        sample = sorted(str(k) for k in state_dict)[:3]
-        raise ReftConfigError(
-            f"state_dict holds no tensors of adapter {adapter_name!r} (no key starts with "
-            f"{state_dict_key(adapter_name)!r}; first keys: {sample}); pass the full state dict of this ReftModel "
-            "(reft_model.state_dict(), or what FSDP/DeepSpeed gathered from it)"
-        )
-    problem = _mismatch(live, taken)
-    if problem:
-        raise ReftConfigError(f"state_dict does not fit adapter {adapter_name!r}: {problem}")
-    return {name: taken[name].detach().to(dtype=live[name].dtype).contiguous().cpu() for name in live}
-
-
-def set_adapter_state_dict(reft_model: ReftModel, adapter_name: str, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy tensors into adapter ``adapter_name`` in place (the parameter objects stay; optimizers keep them).
-
-    ``state_dict`` is either the adapter's own tensors (``<intervention key>.<parameter>``, as
-    :func:`get_adapter_state_dict` returns and the safetensors file holds) or a full state dict
-    of the model (``adapters.<adapter_name>.*`` entries are used, every other entry is ignored).
-    Extra tensors of model subclasses (a classification head) are not touched.
-
-    Raises:
-        AdapterError: no adapter of that name.
-        CheckpointError: names or shapes do not match the adapter's interventions (nothing is changed).
-    """
-    modules = _adapter_modules(reft_model, adapter_name)
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    taken = _from_full_state_dict(state_dict, adapter_name)
-    tensors = dict(state_dict) if taken is None else taken
-    problem = _mismatch(modules.state_dict(), tensors)
-    if problem:
-        raise CheckpointError(f"adapter {adapter_name!r}: {problem}")
-    modules.load_state_dict(tensors, strict=True)
-
-
-# --------------------------------------------------------------------------- save
 def write_adapter_files(directory: str | os.PathLike, config: Mapping[str, Any],
                         tensors: Mapping[str, torch.Tensor]) -> None:
     """Write one adapter folder: ``reft_model.safetensors`` (config embedded) then ``reft_config.json``.
@@ -344,7 +134,7 @@ def write_adapter_files(directory: str | os.PathLike, config: Mapping[str, Any],
     directory = Path(directory)
     text = json.dumps(dict(config), indent=2)
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    blob = safetensors_dumps(data, metadata={"format": "pt", _METADATA_KEY: text})
+    blob = safetensors_dumps(data, metadata={"format": "pt", CONFIG_METADATA_KEY: text})
     atomic_write_bytes(directory / WEIGHTS_NAME, blob)
     atomic_write_bytes(directory / CONFIG_NAME, (text + "\n").encode())
 
@@ -402,7 +192,7 @@ def _selected(reft_model: ReftModel, selected_adapters: Any, adapter_names: Any)
         raise ReftError("nothing to save: this ReftModel has no adapters" if chosen is None
                         else "selected_adapters is empty; name at least one adapter to save")
     for name in names:
-        _adapter_modules(reft_model, name)
+        adapter_modules(reft_model, name)
     return names
 
 
@@ -468,110 +258,8 @@ def save_reft_model(reft_model: ReftModel, save_directory: str | os.PathLike, *,
         os.unlink(root / INDEX_NAME)
 
 
+
 # --------------------------------------------------------------------------- load
-def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
-    """A local folder as is, otherwise a Hub snapshot (from the local cache when offline)."""
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        subfolder = hub_kwargs.get("subfolder")
-        if subfolder:
-            if not (path / subfolder).is_dir():
-                raise CheckpointError(f"{path} has no subfolder {subfolder!r}")
-            return path / subfolder
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the folder that contains {WEIGHTS_NAME}")
-    repo_id = str(path_or_repo_id)
-    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
-        raise CheckpointError(f"{repo_id!r} is neither an existing folder nor a Hub repo id ('user/name')")
-    from huggingface_hub import snapshot_download
-
-    allowed = {"revision", "cache_dir", "token", "local_files_only", "subfolder"}
-    unknown = set(hub_kwargs) - allowed
-    if unknown:
-        raise ReftConfigError(f"unknown argument(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
-    subfolder = hub_kwargs.pop("subfolder", None)
-    try:
-        folder = Path(snapshot_download(repo_id, **hub_kwargs))
-    except Exception as exc:
-        raise CheckpointError(
-            f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(exc).__name__}: {exc}). Check the name, your network, or set HF_HUB_OFFLINE=1 to use the cache"
-        ) from exc
-    return folder / subfolder if subfolder else folder
-
-
-def _read_weights(directory: Path, with_tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a reftlib adapter folder; ``tensors`` is empty without ``with_tensors``."""
-    weights = directory / WEIGHTS_NAME
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if with_tensors else {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{weights} is truncated or corrupted ({exc}); re-save it or restore it from a copy"
-        ) from exc
-    text = metadata.get(_METADATA_KEY)
-    json_path = directory / CONFIG_NAME
-    if text is None:
-        if not json_path.exists():
-            raise CheckpointError(f"{weights} carries no reftlib config and {CONFIG_NAME} is missing")
-        text = json_path.read_text()
-    elif json_path.exists():
-        try:
-            if json.loads(json_path.read_text()) != json.loads(text):
-                logger.warning("%s differs from the config embedded in %s; using the embedded one", json_path, weights)
-        except json.JSONDecodeError:
-            logger.warning("%s is not valid JSON; using the config embedded in %s", json_path, weights)
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"the config of {directory} is not valid JSON ({exc})") from exc
-    check_format_version(config, directory)
-    return config, tensors
-
-
-def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read ``(config dict, tensors)`` from one adapter folder (reftlib's, or a pyreft save), with clear errors.
-
-    The format version is checked (a newer one is refused) and older tensors are upgraded.
-    """
-    directory = Path(directory)
-    if not (directory / WEIGHTS_NAME).exists():
-        if is_pyreft_folder(directory):
-            from .interop import read_pyreft_folder
-
-            return read_pyreft_folder(directory)
-        raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}; is this a folder saved by reftlib's save_pretrained?")
-    config, tensors = _read_weights(directory, with_tensors=True)
-    return config, upgrade_tensors(config, tensors)
-
-
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The config dict of one adapter folder, without reading its tensors (version-checked)."""
-    directory = Path(directory)
-    if not (directory / WEIGHTS_NAME).exists():
-        return read_adapter(directory)[0]  # pyreft folders, or the "not a checkpoint" error
-    return _read_weights(directory, with_tensors=False)[0]
-
-
-def upgrade_tensors(config: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors of an older format version, rewritten as the current version stores them.
-
-    Version 1 kept LoReFT-style rotations (``*.rotate_layer.raw``) in the hidden state's own basis;
-    version 2 keeps them in the mixed basis the optimizer works in (see
-    :mod:`reftlib.interventions.rotation`). R itself is unchanged (up to fp32 rounding).
-    """
-    version = config.get("format_version", 1) if isinstance(config, Mapping) else 1
-    if not isinstance(version, int) or version >= 2:
-        return tensors
-    from .interventions.rotation import raw_from_columns
-
-    return {key: (raw_from_columns(value).to(value.dtype) if key.endswith("rotate_layer.raw") and value.dim() == 2
-                  else value) for key, value in tensors.items()}
-
-
 def _load_extra(reft_model: ReftModel, extra: Mapping[str, torch.Tensor], extra_config: Any) -> None:
     """Hand saved extra tensors and options (e.g. a classification head) to a model subclass that takes them."""
     load = _subclass_method(reft_model, "load_extra_state_dict")
@@ -611,7 +299,7 @@ def attach_adapter(reft_model: ReftModel, adapter_name: str, config_dict: Mappin
             f"{config.base_model_name_or_path}): {exc}"
         ) from exc
     tensors, extra = split_extra(tensors)
-    problem = _mismatch(reft_model.adapters[adapter_name].state_dict(), tensors)
+    problem = state_dict_mismatch(reft_model.adapters[adapter_name].state_dict(), tensors)
     if problem:
         reft_model.delete_adapter(adapter_name)
         raise CheckpointError(f"{where}: {problem}")
@@ -627,15 +315,13 @@ def load_reft_model(path_or_repo_id, model, *, adapter_name: str = DEFAULT_ADAPT
 
     ``disable_model_grads=False`` keeps the base model's trainable parameters (e.g. LoRA) as they are.
     """
-    from .model import ReftModel
-
     require_model(model, "model", "load_reft_model")
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
     adapters, active = saved_adapters(folder, default_name=adapter_name)  # checks the index before any work
     if disable_model_grads:
         for param in model.parameters():
             param.requires_grad_(False)
-    reft_model = (reft_model_class or ReftModel)(model)
+    reft_model = (reft_model_class or registered_reft_model_class())(model)
     for name, sub in adapters.items():
         config, tensors = read_adapter(folder / sub)
         attach_adapter(reft_model, name, config, tensors, is_trainable=is_trainable, where=folder / sub)
@@ -697,7 +383,7 @@ def load_weights_in_place(reft_model: ReftModel, folder: str | os.PathLike) -> N
             raise CheckpointError(f"{root} has an adapter {name!r} that this model lacks ({reft_model.adapter_names})")
         config, tensors = read_adapter(root / sub)
         tensors, extra = split_extra(tensors)
-        problem = _mismatch(reft_model.adapters[name].state_dict(), tensors)
+        problem = state_dict_mismatch(reft_model.adapters[name].state_dict(), tensors)
         if problem:
             raise CheckpointError(
                 f"{root / sub}: the saved tensors of adapter {name!r} do not match this model's interventions "
@@ -707,42 +393,3 @@ def load_weights_in_place(reft_model: ReftModel, folder: str | os.PathLike) -> N
     for name, tensors, extra, extra_config in loaded:
         set_adapter_state_dict(reft_model, name, tensors)
         _load_extra(reft_model, extra, extra_config)
-
-
-# --------------------------------------------------------------------------- hub
-def model_card(reft_model: ReftModel) -> str:
-    base = reft_model.reft_config.base_model_name_or_path or "unknown"
-    rows = []
-    for name in reft_model.adapter_names:
-        for rep in reft_model.reft_configs[name].representations:
-            iv = rep.intervention.get_config()
-            rows.append(
-                f"| {name} | {rep.name} | {rep.layer} | {rep.component} | {iv['type']} | "
-                f"{iv.get('low_rank_dimension', '')} | {rep.positions or 'all / per call'} |"
-            )
-    params = reft_model.count_parameters(trainable_only=False)
-    return (
-        "---\nlibrary_name: reftlib\n"
-        + (f"base_model: {base}\n" if base != "unknown" else "")
-        + "tags:\n- reftlib\n- reft\n- representation-fine-tuning\n---\n\n"
-        + f"# Interventions for {base}\n\n"
-        + f"Representation interventions trained with reftlib ({params:,d} parameters).\n\n"
-        + "| adapter | key | layer | component | type | rank | positions |\n|---|---|---|---|---|---|---|\n"
-        + "\n".join(rows)
-        + "\n\n## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM\nfrom reftlib import ReftModel\n\n"
-        + f'model = AutoModelForCausalLM.from_pretrained("{base}")\n'
-        + 'reft_model = ReftModel.from_pretrained("<this repo>", model)\n```\n'
-    )
-
-
-def push_to_hub(reft_model: ReftModel, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload reftlib interventions", api=None, **kwargs: Any):
-    """Save to a temporary folder with a model card and upload it with ``huggingface_hub``."""
-    from huggingface_hub import HfApi
-
-    api = api or HfApi(token=token)
-    with tempfile.TemporaryDirectory() as tmp:
-        reft_model.save_pretrained(tmp)
-        atomic_write_bytes(Path(tmp) / "README.md", model_card(reft_model).encode())
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        return api.upload_folder(folder_path=tmp, repo_id=repo_id, commit_message=commit_message, **kwargs)

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import describe, require_model
+from .checks import describe, register_reft_model_class, require_model
 from .components import Site, resolve_site, text_config
-from .config import ReftConfig, RepresentationConfig
+from .config import DEFAULT_ADAPTER, ReftConfig, RepresentationConfig
 from .errors import AdapterError, ArchitectureError, InputError, ReftConfigError
 from .interventions import Intervention
+from .io import load_adapter_into, load_reft_model, save_reft_model
+from .io import push_to_hub as _push_to_hub
 from .merge import merge_and_unload as _fold_and_unload
 from .plan import GENERATION_MODES, AdapterSpecs, CallPlan, build_plan
 from .runtime import HFRuntime
-
-DEFAULT_ADAPTER = "default"
 
 _GENERATION_MODES = GENERATION_MODES  # old private name, kept for code written against 0.1
 
@@ -487,8 +487,6 @@ class ReftModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory, *, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Write safetensors + JSON config (one subfolder per non-default adapter), atomically."""
-        from .io import save_reft_model
-
         save_reft_model(self, save_directory, adapter_names=adapter_names, **kwargs)
 
     def save(self, save_directory, save_to_hf_hub: bool = False, hf_repo_name: str | None = None, **kwargs: Any) -> None:
@@ -507,8 +505,6 @@ class ReftModel(nn.Module):
         The base model is frozen unless ``disable_model_grads=False`` (e.g. to keep LoRA trainable).
         Subclasses (e.g. the sequence-classification model) are rebuilt as themselves.
         """
-        from .io import load_reft_model
-
         return load_reft_model(path_or_repo_id, model, adapter_name=adapter_name, is_trainable=is_trainable,
                                disable_model_grads=disable_model_grads, reft_model_class=cls, **hub_kwargs)
 
@@ -525,16 +521,15 @@ class ReftModel(nn.Module):
         subfolder); another name loads the adapter saved at the root. ``subfolder=`` picks a
         subfolder explicitly. Which adapters are active does not change.
         """
-        from .io import load_adapter_into
-
         load_adapter_into(self, path_or_repo_id, adapter_name, is_trainable=is_trainable, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload reftlib interventions", **kwargs: Any):
         """Upload the saved interventions and a generated model card through ``huggingface_hub``."""
-        from .io import push_to_hub
+        return _push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
 
-        return push_to_hub(self, repo_id, private=private, token=token, commit_message=commit_message, **kwargs)
+
+register_reft_model_class(ReftModel)
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -41,6 +41,7 @@ from ..checks import require_model
 from ..components import text_config
 from ..config import ReftConfig
 from ..errors import CheckpointError, ReftConfigError
+from ..io import load_reft_model
 from ..model import DEFAULT_ADAPTER, ReftModel
 
 POOLING_MODES = ("first", "last", "mean")
@@ -252,8 +253,6 @@ class ReftModelForSequenceClassification(ReftModel):
     def from_pretrained(cls, path_or_repo_id, model: nn.Module, *, adapter_name: str = DEFAULT_ADAPTER,
                         is_trainable: bool = False, **hub_kwargs: Any) -> ReftModelForSequenceClassification:
         """Load interventions *and* the classification head saved by :meth:`save_pretrained`."""
-        from ..io import load_reft_model
-
         loaded = load_reft_model(path_or_repo_id, model, adapter_name=adapter_name, is_trainable=is_trainable,
                                  reft_model_class=cls, **hub_kwargs)
         if not getattr(loaded, "_head_loaded", False):
