@@ -20,6 +20,7 @@ from .checks import describe, register_reft_model_class, require_model
 from .components import Site, resolve_site, text_config
 from .config import DEFAULT_ADAPTER, ReftConfig, RepresentationConfig
 from .errors import AdapterError, ArchitectureError, InputError, ReftConfigError
+from .inputs import as_input_dict, attention_mask_of, check_length, input_device, input_length
 from .interventions import Intervention
 from .io import load_adapter_into, load_reft_model, save_reft_model
 from .io import push_to_hub as _push_to_hub
@@ -28,10 +29,6 @@ from .plan import GENERATION_MODES, AdapterSpecs, CallPlan, build_plan
 from .runtime import HFRuntime
 
 _GENERATION_MODES = GENERATION_MODES  # old private name, kept for code written against 0.1
-
-
-def _tensor_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(inputs.items()) if hasattr(inputs, "items") else dict(inputs)
 
 
 class ReftModel(nn.Module):
@@ -268,16 +265,16 @@ class ReftModel(nn.Module):
         if sources is not None:
             raise InputError("reftlib interventions take no source inputs (interchange interventions are not supported)")
         pyreft_style = base is not None
-        inputs = _tensor_inputs(base) if pyreft_style else {}
+        inputs = as_input_dict(base) if pyreft_style else {}
         inputs.update(model_kwargs)
         if labels is not None:
             inputs["labels"] = labels
-        attention_mask = self._attention_mask(inputs)
+        attention_mask = attention_mask_of(inputs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-        self._check_length(self._input_length(inputs) + int(cached), "the input")
+        check_length(self.model, input_length(inputs) + int(cached), "the input")
         # Positions index the input_ids of this call (also when a KV cache holds earlier tokens).
-        plan = self.plan_call(attention_mask[:, -self._input_length(inputs):], unit_locations=unit_locations,
+        plan = self.plan_call(attention_mask[:, -input_length(inputs):], unit_locations=unit_locations,
                               intervention_locations=intervention_locations, adapter_names=adapter_names,
                               check_finite=check_finite)
         original = None
@@ -287,43 +284,6 @@ class ReftModel(nn.Module):
         with self.runtime.run(plan):
             outputs = self.model(**inputs)
         return (original, outputs) if pyreft_style else outputs
-
-    def _check_length(self, length: int, what: str) -> None:
-        """Refuse sequences longer than the model's position table (an index error or silent garbage otherwise)."""
-        limit = max_positions(self.model)
-        if limit is not None and length > limit:
-            raise InputError(
-                f"{what} has {length} tokens but the model handles at most {limit} (config.max_position_embeddings); "
-                f"truncate it, e.g. tokenizer(..., truncation=True, max_length={limit})"
-            )
-
-    @staticmethod
-    def _input_length(inputs: Mapping[str, Any]) -> int:
-        ids = inputs.get("input_ids")
-        if ids is None:
-            ids = inputs.get("inputs_embeds")
-        if ids is None:
-            raise InputError("pass input_ids (or inputs_embeds)")
-        return ids.shape[1]
-
-    def _attention_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        ids = inputs.get("input_ids")
-        if ids is None:
-            ids = inputs.get("inputs_embeds")
-        if ids is None:
-            raise InputError("pass input_ids (or inputs_embeds) to the model")
-        if ids.dim() < 2:
-            raise InputError(f"input_ids must be [batch, seq_len], got shape {tuple(ids.shape)}; add a batch dimension")
-        if ids.shape[0] == 0:
-            raise InputError("the batch is empty (0 rows); pass at least one example")
-        mask = inputs.get("attention_mask")
-        if mask is None:
-            return torch.ones(ids.shape[:2], dtype=torch.long)
-        if mask.dim() != 2 or mask.shape[0] != ids.shape[0]:
-            raise InputError(
-                f"attention_mask shape {tuple(mask.shape)} does not match input_ids shape {tuple(ids.shape[:2])}"
-            )
-        return mask
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -367,14 +327,14 @@ class ReftModel(nn.Module):
         if mode not in GENERATION_MODES:
             raise ReftConfigError(f"unknown generation mode {mode!r}; use one of {list(GENERATION_MODES)}")
         pyreft_style = base is not None
-        inputs = _tensor_inputs(base) if pyreft_style else {}
+        inputs = as_input_dict(base) if pyreft_style else {}
         for name in ("input_ids", "attention_mask", "inputs_embeds"):
             if name in generate_kwargs:
                 inputs[name] = generate_kwargs.pop(name)
-        attention_mask = self._attention_mask(inputs)
+        attention_mask = attention_mask_of(inputs)
         if "attention_mask" not in inputs:
-            inputs["attention_mask"] = attention_mask.to(self._input_device(inputs))
-        self._check_length(attention_mask.shape[1], "the prompt")
+            inputs["attention_mask"] = attention_mask.to(input_device(inputs))
+        check_length(self.model, attention_mask.shape[1], "the prompt")
         ids = inputs.get("input_ids")
         if ids is not None and bool((attention_mask[:, -1] == 0).any()):
             raise InputError(
@@ -389,11 +349,6 @@ class ReftModel(nn.Module):
         with self.runtime.run(plan):
             generated = self.model.generate(**inputs, **generate_kwargs)
         return (original, generated) if pyreft_style else generated
-
-    @staticmethod
-    def _input_device(inputs: Mapping[str, Any]) -> torch.device:
-        ids = inputs.get("input_ids")
-        return (ids if ids is not None else inputs["inputs_embeds"]).device
 
     # ------------------------------------------------------------------ utilities
     def count_parameters(self, trainable_only: bool = True) -> int:
@@ -530,18 +485,6 @@ class ReftModel(nn.Module):
 
 
 register_reft_model_class(ReftModel)
-
-
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's config allows (``max_position_embeddings`` or its aliases), if known."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig | Mapping | Sequence, *, set_device: bool = True,

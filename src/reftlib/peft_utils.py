@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from .checks import require_model, require_reft_model, unwrap_model
 from .errors import CheckpointError, ReftConfigError
-
-if TYPE_CHECKING:
-    from .model import ReftModel
+from .io import WEIGHTS_NAME
+from .model import ReftModel
 
 __all__ = ["LORA_SUBFOLDER", "REFT_SUBFOLDER", "find_peft_model", "load_reft_and_lora", "save_reft_and_lora"]
 
@@ -130,8 +129,6 @@ def load_reft_and_lora(
         The :class:`~reftlib.ReftModel` (in eval mode unless ``is_trainable``).
     """
     peft = _peft()
-    from .io import WEIGHTS_NAME
-    from .model import ReftModel
 
     if isinstance(model, (peft.PeftModel, ReftModel)):
         raise ReftConfigError(

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from ..checks import require_model, require_tokenizer
 from ..errors import InputError, ReftConfigError
+from ..model import ReftModel
 from ..training.data import make_supervised_examples
 
 Objective = Literal["sft", "dpo"]
@@ -91,8 +92,6 @@ def resolve_objective(kind: str, objective: str | None) -> Objective:
 
 def base_model(model: Any) -> Any:
     """The Hugging Face model inside a :class:`~reftlib.ReftModel` (for its config), else ``model``."""
-    from ..model import ReftModel
-
     return model.model if isinstance(model, ReftModel) else model
 
 

@@ -41,6 +41,7 @@ from ..checks import require_model
 from ..components import text_config
 from ..config import ReftConfig
 from ..errors import CheckpointError, ReftConfigError
+from ..inputs import attention_mask_of, input_length
 from ..io import load_reft_model
 from ..model import DEFAULT_ADAPTER, ReftModel
 
@@ -194,8 +195,8 @@ class ReftModelForSequenceClassification(ReftModel):
         inputs = {k: v for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask)) if v is not None}
         inputs.update(model_kwargs)
         inputs.pop("num_items_in_batch", None)
-        mask = self._attention_mask(inputs)
-        plan = self.plan_call(mask[:, -self._input_length(inputs):], unit_locations=unit_locations,
+        mask = attention_mask_of(inputs)
+        plan = self.plan_call(mask[:, -input_length(inputs):], unit_locations=unit_locations,
                               intervention_locations=intervention_locations, adapter_names=adapter_names,
                               check_finite=check_finite)
         backbone = self.backbone

@@ -50,8 +50,10 @@ import torch
 from ..checks import require_model, require_tokenizer
 from ..errors import InputError, PositionError
 from ..generation import encode_prompts
-from ..model import max_positions
+from ..inputs import max_positions
+from ..model import ReftModel
 from ..positions import parse_position_spec, resolve_position_spec, split_position_spec
+from .classification import ReftModelForSequenceClassification, default_pooling
 from .collator import IGNORE_INDEX, ReftDataCollator
 
 logger = logging.getLogger(__name__)
@@ -299,7 +301,6 @@ def make_supervised_examples(
 
 
 def _check_model_interventions(model: Any, num_interventions: int) -> None:
-    from ..model import ReftModel
 
     if isinstance(model, ReftModel):
         count = len(model.interventions)
@@ -393,7 +394,6 @@ def make_classification_data_module(
     """
     require_tokenizer(tokenizer, "tokenizer", "make_classification_data_module")
     require_model(model, "model", "make_classification_data_module", allow_reft_model=True)
-    from .classification import default_pooling
 
     texts, targets = _as_list(inputs, "inputs"), _as_list(labels, "labels")
     if len(texts) != len(targets):
@@ -411,8 +411,6 @@ def make_classification_data_module(
             raise InputError(f"input {i} is empty ({texts[i]!r} has no tokens)")
     lengths = [len(row) for row in ids]
     if positions is None:
-        from ..model import ReftModel
-        from .classification import ReftModelForSequenceClassification
 
         if isinstance(model, ReftModelForSequenceClassification):
             pooling = model.pooling

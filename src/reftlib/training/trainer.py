@@ -61,7 +61,9 @@ from ..checks import require_instance, require_processing_class, require_reft_mo
 from ..errors import CheckpointError, ReftConfigError
 from ..hooks import to_device
 from ..interventions.rotation import OrthonormalRows
+from ..io import load_weights_in_place
 from ..model import ReftModel
+from ..peft_utils import find_peft_model
 from ..runtime import innermost_model
 from .classification import ReftModelForSequenceClassification, classification_loss
 from .data import IGNORE_INDEX, ReftDataCollator
@@ -88,8 +90,6 @@ def load_intervention_weights(reft_model: ReftModel, folder: str | os.PathLike) 
     and the extra state (e.g. a classification head) is restored. The index and every config are
     version-checked (see :func:`reftlib.io.load_weights_in_place`).
     """
-    from ..io import load_weights_in_place
-
     load_weights_in_place(reft_model, folder)
 
 
@@ -467,8 +467,6 @@ def _trained_peft_model(reft_model: ReftModel) -> nn.Module | None:
     """The ``PeftModel`` under ``reft_model`` when some of its (LoRA) weights are being trained."""
     if importlib.util.find_spec("peft") is None:
         return None
-    from ..peft_utils import find_peft_model
-
     model = find_peft_model(reft_model)
     return model if model is not None and any(p.requires_grad for p in model.parameters()) else None
 
