@@ -201,3 +201,23 @@ def test_plan_is_immutable_and_flat_positions_index_a_flat_batch():
     assert plan.flat_positions("a.x", starts).tolist() == [0, 2, 3, 7]
     # b.y: last two tokens of row 1 only
     assert plan.flat_positions("b.y", starts).tolist() == [6, 7]
+
+
+# ---------------------------------------------------------------- pyreft state, per method
+def test_each_method_reads_its_own_pyreft_state():
+    from reftlib.errors import CheckpointError
+
+    d, r = 8, 2
+    rotation = torch.linalg.qr(torch.randn(d, r))[0]  # pyreft's R: [d, r], orthonormal columns
+    state = {"rotate_layer": rotation, "weight": torch.randn(r, d), "bias": torch.randn(r), "embed_dim": torch.tensor(d)}
+    params, arguments, used = reftlib.LoreftIntervention.from_pyreft_state(state, "intkey_x.bin")
+    assert arguments == {"embed_dim": d, "low_rank_dimension": r, "act_fn": "linear"}
+    assert set(params) == {"rotate_layer.raw", "learned_source.weight", "learned_source.bias"}
+    assert {"rotate_layer", "weight", "bias"} <= used
+    iv = reftlib.LoreftIntervention(**arguments)
+    iv.load_state_dict(params)
+    torch.testing.assert_close(iv.rotate_layer.weight, rotation.T, atol=1e-6, rtol=0)  # unit-norm rows
+    with pytest.raises(CheckpointError, match="no pyreft counterpart"):
+        reftlib.HeadBiasIntervention.from_pyreft_state(state, "intkey_x.bin")
+    with pytest.raises(CheckpointError, match="lacks tensor 'learned_source'"):
+        reftlib.ConsreftIntervention.from_pyreft_state({"rotate_layer": rotation}, "intkey_x.bin")

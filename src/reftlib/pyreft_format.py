@@ -42,13 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .config import COMPONENTS, FORMAT_NAME, FORMAT_VERSION
 from .errors import CheckpointError, ReftConfigError
-from .interventions.base import dtype_from_name, dtype_name
+from .interventions.base import dtype_from_name, dtype_name, intervention_class
 from .interventions.loreft import activation
-from .interventions.rotation import raw_from_columns
+from .interventions.pyreft_state import BOOKKEEPING_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +95,6 @@ _REPRESENTATION_FIELDS = (
     "intervention", "subspace_partition", "group_key", "intervention_link_key", "moe_key",
     "source_representation", "hidden_source_representation", "latent_dim",
 )
-_BOOKKEEPING_KEYS = {"embed_dim", "interchange_dim"}  # pyvene buffers, not parameters
-_ROTATION_PREFIX = "rotate_layer"
-_PARAMETRIZED = ("rotate_layer.parametrizations.weight.original", "rotate_layer.parametrizations.weight.0.base")
 
 
 # --------------------------------------------------------------------------- detection
@@ -328,93 +324,20 @@ def _load_state(directory: Path, key: str) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in state.items()}
 
 
-def _rotation(state: Mapping[str, torch.Tensor], where: Path) -> torch.Tensor:
-    """pyreft's ``R`` as a ``[d, r]`` matrix with orthonormal columns."""
-    if _ROTATION_PREFIX in state:  # LoReFT's compact format: R itself
-        return state[_ROTATION_PREFIX].float()
-    if all(k in state for k in _PARAMETRIZED):
-        original, base = (state[k].float() for k in _PARAMETRIZED)
-        return _evaluate_orthogonal(original, base, where)
-    if "rotate_layer.weight" in state:  # an unparametrized LowRankRotateLayer
-        return state["rotate_layer.weight"].float()
-    raise CheckpointError(
-        f"{where} has no rotation (expected 'rotate_layer' or '{_PARAMETRIZED[0]}' + '{_PARAMETRIZED[1]}'); "
-        f"keys: {sorted(state)}"
-    )
-
-
-def _check_orthonormal(rotation: torch.Tensor, where: Path) -> None:
-    """Warn when R's columns are not orthonormal: reftlib would orthonormalize them, changing outputs."""
-    if rotation.dim() != 2 or rotation.shape[1] > rotation.shape[0]:
-        raise CheckpointError(f"{where}: rotation has shape {tuple(rotation.shape)}; expected [d, r] with r <= d")
-    gram = rotation.T @ rotation
-    deviation = (gram - torch.eye(gram.shape[0])).abs().max().item()
-    if not deviation <= 1e-2:
-        logger.warning(
-            "%s: the rotation's columns are not orthonormal (max |R^T R - I| = %.3g); reftlib orthonormalizes "
-            "it, so outputs will differ from pyreft's", where, deviation,
-        )
-
-
-def _evaluate_orthogonal(original: torch.Tensor, base: torch.Tensor, where: Path) -> torch.Tensor:
-    """Rebuild torch's ``orthogonal`` parametrization (as pyreft registers it) and read its weight."""
-    if original.dim() != 2 or base.shape != (original.shape[0], original.shape[0]):
-        raise CheckpointError(
-            f"{where}: rotation parametrization has shapes {tuple(original.shape)} and {tuple(base.shape)}; "
-            "expected [d, r] and [d, d]"
-        )
-    holder = nn.Module()
-    holder.weight = nn.Parameter(torch.empty_like(original))
-    nn.init.orthogonal_(holder.weight)
-    nn.utils.parametrizations.orthogonal(holder)
-    try:
-        holder.load_state_dict(
-            {"parametrizations.weight.original": original, "parametrizations.weight.0.base": base}, strict=True
-        )
-    except RuntimeError as exc:
-        raise CheckpointError(f"{where}: cannot rebuild the orthogonal rotation ({exc})") from exc
-    with torch.no_grad():
-        return holder.weight.detach().clone()
-
-
-def _require(state: Mapping[str, torch.Tensor], key: str, where: Path) -> torch.Tensor:
-    if key not in state:
-        raise CheckpointError(f"{where} lacks tensor {key!r}; keys: {sorted(state)}")
-    return state[key]
-
-
 def _convert(type_name: str, state: dict[str, torch.Tensor], where: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Map one pyreft state dict to reftlib parameter names and an intervention config."""
-    params: dict[str, torch.Tensor] = {}
-    used = set(_BOOKKEEPING_KEYS)
-    if type_name in ("loreft", "direft", "consreft", "lobireft"):
-        rotation = _rotation(state, where)
-        _check_orthonormal(rotation, where)
-        used |= {_ROTATION_PREFIX, "rotate_layer.weight", *_PARAMETRIZED}
-        params["rotate_layer.raw"] = raw_from_columns(rotation)  # reftlib's basis (format version 2)
-        embed_dim, rank = rotation.shape
-    if type_name in ("loreft", "direft"):
-        prefix = "" if type_name == "loreft" and "weight" in state else "learned_source."
-        params["learned_source.weight"] = _require(state, f"{prefix}weight", where)
-        params["learned_source.bias"] = _require(state, f"{prefix}bias", where)
-        used |= {f"{prefix}weight", f"{prefix}bias"}
-    elif type_name in ("consreft", "lobireft"):
-        params["learned_source"] = _require(state, "learned_source", where)
-        used.add("learned_source")
-    else:  # noreft, nodireft
-        params["proj_layer.weight"] = _require(state, "proj_layer.weight", where)
-        if "proj_layer.bias" in state:
-            params["proj_layer.bias"] = state["proj_layer.bias"]
-        params["learned_source.weight"] = _require(state, "learned_source.weight", where)
-        params["learned_source.bias"] = _require(state, "learned_source.bias", where)
-        used |= {"proj_layer.weight", "proj_layer.bias", "learned_source.weight", "learned_source.bias"}
-        rank, embed_dim = params["proj_layer.weight"].shape
-    unexpected = sorted(set(state) - used)
+    """Map one pyreft state dict to reftlib parameter names and an intervention config.
+
+    The mapping itself is the intervention class's ``from_pyreft_state``; here the result is checked:
+    no tensor left unread, every tensor of the shape the dimensions imply, floating point.
+    """
+    params, arguments, used = intervention_class(type_name).from_pyreft_state(state, where)
+    unexpected = sorted(set(state) - set(used) - BOOKKEEPING_KEYS)
     if unexpected:
         raise CheckpointError(
             f"{where}: unexpected tensors {unexpected} for a pyreft {type_name} intervention; "
             "the file was written by an unsupported pyreft version or a custom class"
         )
+    embed_dim, rank = arguments["embed_dim"], arguments["low_rank_dimension"]
     expected_shapes = {
         "rotate_layer.raw": (embed_dim, rank),
         "learned_source.weight": (rank, embed_dim),
@@ -431,18 +354,7 @@ def _convert(type_name: str, state: dict[str, torch.Tensor], where: Path) -> tup
             )
         if not value.is_floating_point():
             raise CheckpointError(f"{where}: tensor for {name} has dtype {value.dtype}; expected floating point")
-    iv_config: dict[str, Any] = {
-        "type": type_name,
-        "embed_dim": int(embed_dim),
-        "dtype": "float32",
-        "dropout": 0.0,
-        "low_rank_dimension": int(rank),
-    }
-    if type_name in ("loreft", "direft", "noreft", "nodireft"):
-        iv_config["act_fn"] = "linear"
-    if type_name in ("noreft", "nodireft"):
-        iv_config["add_bias"] = "proj_layer.bias" in params
-    return params, iv_config
+    return params, {"type": type_name, "dtype": "float32", "dropout": 0.0, **arguments}
 
 
 def _check_dims(state: Mapping[str, torch.Tensor], saved_dim: Any, embed_dim: int, key: str, directory: Path) -> None:

@@ -27,12 +27,13 @@ uses ``forward(h) − h`` as the edit. Head interventions (``unit = "h.pos"``) r
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import MergeError, ReftConfigError
+from ..errors import CheckpointError, MergeError, ReftConfigError
 from .rotation import OrthonormalRows
 from .steps import track
 
@@ -201,6 +202,19 @@ class Intervention(nn.Module):
     def get_config(self) -> dict[str, Any]:
         """Everything needed to rebuild this intervention: its type and constructor arguments."""
         return {"type": self.type_name, "embed_dim": self.embed_dim, **self.config}
+
+    # -- pyreft checkpoints ---------------------------------------------------------------
+    @classmethod
+    def from_pyreft_state(
+        cls, state: Mapping[str, torch.Tensor], where: object
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], set[str]]:
+        """Read the ``state_dict`` pyreft saved for this method's pyreft counterpart.
+
+        Returns ``(parameters under reftlib's names, constructor arguments, keys of state read)``;
+        the arguments include ``embed_dim`` and ``low_rank_dimension``. Methods without a pyreft
+        counterpart raise :class:`~reftlib.errors.CheckpointError`.
+        """
+        raise CheckpointError(f"{where}: {cls.__name__} has no pyreft counterpart to convert from")
 
     # -- training and merging -------------------------------------------------------------
     def after_optimizer_step(self) -> None:

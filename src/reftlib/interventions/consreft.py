@@ -25,3 +25,7 @@ class ConsreftIntervention(LowRankIntervention):
         x = h.to(self.learned_source.dtype)
         rotation = self.rotate_layer.weight.to(x.dtype)
         return (self.learned_source - x @ rotation.T) @ rotation
+
+    @classmethod
+    def from_pyreft_state(cls, state, where):
+        return cls.pyreft_rotation_and_vector(state, where)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .base import register_intervention
 from .loreft import LowRankIntervention
+from .pyreft_state import rotation_from_pyreft
 from .rotation import OrthonormalRows
 
 
@@ -26,3 +27,11 @@ class DireftIntervention(LowRankIntervention):
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         x = h.to(self.learned_source.weight.dtype)
         return self.act_fn(self.learned_source(x)) @ self.rotate_layer.weight.to(x.dtype)
+
+    @classmethod
+    def from_pyreft_state(cls, state, where):
+        """pyreft's DiReFT: the rotation plus ``learned_source`` (``W``, ``b``)."""
+        raw, used, embed_dim, rank = rotation_from_pyreft(state, where)
+        params = {"rotate_layer.raw": raw, **cls.pyreft_linear_source(state, "learned_source.", where)}
+        return params, {"embed_dim": embed_dim, "low_rank_dimension": rank, "act_fn": "linear"}, \
+            used | {"learned_source.weight", "learned_source.bias"}

@@ -24,3 +24,7 @@ class LobireftIntervention(LowRankIntervention):
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         rotation = self.rotate_layer.weight.to(self.learned_source.dtype)
         return (self.learned_source @ rotation).to(h.dtype).expand_as(h)
+
+    @classmethod
+    def from_pyreft_state(cls, state, where):
+        return cls.pyreft_rotation_and_vector(state, where)

@@ -26,3 +26,7 @@ class NoreftIntervention(LowRankIntervention):
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         x = h.to(self.learned_source.weight.dtype)
         return (self.act_fn(self.learned_source(x)) - self.proj_layer(x)) @ self.proj_layer.weight
+
+    @classmethod
+    def from_pyreft_state(cls, state, where):
+        return cls.pyreft_projection(state, where)
