@@ -1,5 +1,6 @@
 """reftlib: representation fine-tuning (ReFT) and LoFiT for any Hugging Face model, through hooks."""
 
+from .collect import Activations, collect_activations, load_activations
 from .components import (
     COMPONENT_OVERRIDES,
     COMPONENTS,
@@ -33,6 +34,7 @@ from .interventions import (
     LoreftIntervention,
     NodireftIntervention,
     NoreftIntervention,
+    SteeringVectorIntervention,
     register_intervention,
     registered_interventions,
 )
@@ -78,6 +80,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "COMPONENTS",
     "COMPONENT_OVERRIDES",
+    "Activations",
     "AdapterError",
     "ArchitectureError",
     "ArgumentTypeError",
@@ -110,12 +113,15 @@ __all__ = [
     "ReftTrainerForCausalLM",
     "ReftTrainerForSequenceClassification",
     "RepresentationConfig",
+    "SteeringVectorIntervention",
     "apply_chat_template",
+    "collect_activations",
     "describe_structure",
     "get_adapter_state_dict",
     "get_reft_model",
     "get_reft_model_for_sequence_classification",
     "last_position",
+    "load_activations",
     "make_classification_data_module",
     "make_last_position_supervised_data_module",
     "make_multiple_position_supervised_data_module",

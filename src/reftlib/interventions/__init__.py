@@ -16,6 +16,7 @@ from .loreft import LoreftIntervention
 from .nodireft import NodireftIntervention
 from .noreft import NoreftIntervention
 from .rotation import OrthonormalRows
+from .steering import SteeringVectorIntervention
 
 __all__ = [
     "ConsreftIntervention",
@@ -29,6 +30,7 @@ __all__ = [
     "NodireftIntervention",
     "NoreftIntervention",
     "OrthonormalRows",
+    "SteeringVectorIntervention",
     "intervention_class",
     "register_intervention",
     "registered_interventions",
