@@ -9,6 +9,7 @@ from .components import (
     resolve_site,
 )
 from .config import ReftConfig, RepresentationConfig
+from .distributed import gather_reft_state_dict, load_sharded_intervention_weights, shard_reft_model
 from .errors import (
     AdapterError,
     ArchitectureError,
@@ -117,11 +118,13 @@ __all__ = [
     "apply_chat_template",
     "collect_activations",
     "describe_structure",
+    "gather_reft_state_dict",
     "get_adapter_state_dict",
     "get_reft_model",
     "get_reft_model_for_sequence_classification",
     "last_position",
     "load_activations",
+    "load_sharded_intervention_weights",
     "make_classification_data_module",
     "make_last_position_supervised_data_module",
     "make_multiple_position_supervised_data_module",
@@ -134,5 +137,6 @@ __all__ = [
     "resolve_position_spec",
     "resolve_site",
     "set_adapter_state_dict",
+    "shard_reft_model",
     "split_position_spec",
 ]

@@ -99,6 +99,12 @@ class OrthonormalRows(nn.Module):
         ``benchmarks/emoji_training.py`` for the figure with it).
         """
         raw = self.raw
+        if torch.distributed.is_available() and _is_dtensor(raw):  # sharded by FSDP2: the QR needs every row
+            from torch.distributed.tensor import distribute_tensor
+
+            columns = _orthonormal_columns(raw.full_tensor()).to(raw.dtype) * INIT_COLUMN_NORM
+            raw.copy_(distribute_tensor(columns, raw.device_mesh, raw.placements))
+            return
         raw.copy_(_orthonormal_columns(raw).to(raw.dtype) * INIT_COLUMN_NORM)
 
     def extra_repr(self) -> str:
@@ -112,6 +118,12 @@ def _orthonormal_columns(raw: torch.Tensor) -> torch.Tensor:
     signs = torch.sign(torch.diagonal(r))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return q * signs
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def rows_from_raw(raw: torch.Tensor) -> torch.Tensor:

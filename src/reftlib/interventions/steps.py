@@ -28,10 +28,16 @@ def track(module: nn.Module) -> None:
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     if not _tracked:
         return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    stepped = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    updated = []
     for module in list(_tracked):
-        if any(id(p) in stepped and p.grad is not None for p in module.parameters()):
-            module.after_optimizer_step()
+        found = [stepped[id(p)] for p in module.parameters() if id(p) in stepped and p.grad is not None]
+        if found:
+            updated.append((min(found), module))
+    # In the optimizer's parameter order, the same on every process (the set's order is not): the
+    # step of a module sharded by FSDP2 gathers its parameters, and collectives must match.
+    for _index, module in sorted(updated, key=lambda item: item[0]):
+        module.after_optimizer_step()
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)

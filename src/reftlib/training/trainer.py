@@ -42,13 +42,19 @@ What they change compared with a plain ``Trainer``:
 Gradient checkpointing (``TrainingArguments(gradient_checkpointing=True)`` or
 ``reft_model.gradient_checkpointing_enable()``) works: reftlib keeps each call's positions for the
 recomputation. Mixed precision follows ``args.bf16``/``args.fp16`` (autocast); LoReFT rotations
-are always computed in fp32. FSDP is not supported (interventions are small: use DDP).
+are always computed in fp32.
+
+FSDP2 (``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2, ...})``) shards the
+frozen base model; the prefix cache turns itself off then (logged). FSDP1 is refused. On the CPU,
+accelerate enables FSDP for GPU-like backends only: shard with :func:`reftlib.shard_reft_model`
+and a hand-written loop there (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -58,6 +64,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..checks import require_instance, require_processing_class, require_reft_model, unwrap_model
+from ..distributed import check_trainer_fsdp, is_sharded, load_sharded_intervention_weights
 from ..errors import CheckpointError, ReftConfigError
 from ..hooks import to_device
 from ..interventions.rotation import OrthonormalRows
@@ -80,6 +87,8 @@ __all__ = [
 TRAINING_ARGS_NAME = "training_args.bin"
 LORA_SUBFOLDER = "lora"  # LoRA weights next to the interventions when a PeftModel is trained too
 _KEEP_ON_CPU = ("intervention_locations",)
+
+logger = logging.getLogger(__name__)
 
 
 def load_intervention_weights(reft_model: ReftModel, folder: str | os.PathLike) -> None:
@@ -157,11 +166,25 @@ class ReftTrainer(Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
         )
-        if self.is_fsdp_enabled:
-            raise ReftConfigError("reftlib trainers do not support FSDP; interventions are small, use DDP (torchrun)")
+        if self.is_fsdp_enabled:  # FSDP2 only; see reftlib.distributed and docs/distributed.md
+            check_trainer_fsdp(self.accelerator.state.fsdp_plugin)
+        elif model is not None and is_sharded(model):
+            raise ReftConfigError(
+                f"{where}: this ReftModel is already sharded with fully_shard, but the Trainer's FSDP is off, so it "
+                "would wrap the model in DDP; pass the unsharded model with TrainingArguments(fsdp='full_shard', "
+                "fsdp_config={'version': 2}), or train the sharded model in your own loop"
+            )
         self._flops_per_token: int | None = None
         #: Recorded hidden states below the interventions (``None`` with ``prefix_cache=False``).
         self.prefix_cache: PrefixCache | None = None
+        if prefix_cache is not False and self.is_fsdp_enabled:
+            # Skipping the lower layers skips their FSDP all-gathers on the processes that hit the cache
+            # only: the processes' collectives would no longer match.
+            reason = "FSDP is on (skipping sharded layers on some processes only would desynchronize them)"
+            if prefix_cache is True:
+                raise ReftConfigError(f"prefix_cache=True cannot be honoured: {reason}; use prefix_cache='auto' or False")
+            logger.info("reftlib: prefix cache off: %s", reason)
+            prefix_cache = False
         if prefix_cache is not False:
             self.prefix_cache = PrefixCache(max_bytes=prefix_cache_max_bytes, required=prefix_cache is True)
             self.add_callback(_ResetPrefixCache(self.prefix_cache))
@@ -265,7 +288,10 @@ class ReftTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load the interventions saved in ``resume_from_checkpoint`` into the model being trained."""
         target = unwrap_model(self.accelerator.unwrap_model(model if model is not None else self.model))
-        load_intervention_weights(target, resume_from_checkpoint)
+        if is_sharded(target):  # FSDP2: each process keeps its shard of the saved tensors
+            load_sharded_intervention_weights(target, resume_from_checkpoint)
+        else:
+            load_intervention_weights(target, resume_from_checkpoint)
         _load_lora_weights(target, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
