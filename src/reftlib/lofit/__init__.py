@@ -31,9 +31,27 @@ from ..training.dpo import (
     sequence_logps,
 )
 from .data import Objective, make_sft_dataset, normalize_train_data, resolve_objective
+from .iti import (
+    AlphaSearch,
+    ItiProbes,
+    apply_iti,
+    fit_linear_probes,
+    iti_config,
+    iti_probe_heads,
+    tune_alpha,
+    tune_iti_alpha,
+)
 from .merge import merge_and_unload
 from .offsets import tune_offsets
 from .plot import plot_head_scores
+from .repe import (
+    READING_METHODS,
+    ReadingVectors,
+    apply_repe,
+    repe_config,
+    repe_reading_vectors,
+    tune_repe_alpha,
+)
 from .selection import (
     HeadScaleDPOTrainer,
     HeadScaleTrainer,
@@ -45,18 +63,27 @@ from .selection import (
 )
 
 __all__ = [
+    "READING_METHODS",
     "AdapterDPOTrainer",
+    "AlphaSearch",
     "HeadScaleDPOTrainer",
     "HeadScaleTrainer",
     "HeadSelection",
+    "ItiProbes",
     "L1PenaltyMixin",
     "MergeError",
     "MissingDependencyError",
     "Objective",
+    "ReadingVectors",
     "ReftDPODataCollator",
     "ReftDPOTrainer",
+    "apply_iti",
+    "apply_repe",
     "count_heads",
     "dpo_loss",
+    "fit_linear_probes",
+    "iti_config",
+    "iti_probe_heads",
     "lofit_config",
     "make_preference_data_module",
     "make_preference_dataset",
@@ -64,8 +91,13 @@ __all__ = [
     "merge_and_unload",
     "normalize_train_data",
     "plot_head_scores",
+    "repe_config",
+    "repe_reading_vectors",
     "resolve_objective",
     "select_heads",
     "sequence_logps",
+    "tune_alpha",
+    "tune_iti_alpha",
     "tune_offsets",
+    "tune_repe_alpha",
 ]
