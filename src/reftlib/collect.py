@@ -303,7 +303,8 @@ def collect_activations(
         positions: ``"l1"`` (each text's last token), another spec (``"f3+l3"``, ``"all"``: every token,
             shorter texts padded with ``-1`` positions), or one list of token indices per text
             (indices into the text's own tokens, special tokens included).
-        batch_size: texts per forward pass. progress: show a progress bar.
+        batch_size: texts per forward pass.
+        progress: show a progress bar.
         to_disk: a folder: write the vectors as safetensors shards of ``shard_size`` texts (each written
             atomically, the index :data:`ACTIVATIONS_INDEX` last) and return the folder's path; read it with
             :func:`load_activations` or :func:`iter_activation_shards`.

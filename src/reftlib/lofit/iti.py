@@ -210,8 +210,11 @@ def iti_probe_heads(
             same split (ITI splits by question, so a question's answers never straddle train and validation).
             Default: every text on its own.
         val_fraction: share of the groups held out for validation (ITI: 0.2); ``seed`` fixes the split.
-        l2, max_iter: probe regularization and L-BFGS iterations (see :func:`fit_linear_probes`).
-        batch_size, max_length, progress: passed to :func:`reftlib.collect_activations`.
+        l2: probe regularization (see :func:`fit_linear_probes`).
+        max_iter: L-BFGS iterations of the probes.
+        batch_size: texts per forward pass (passed to :func:`reftlib.collect_activations`, as are the next two).
+        max_length: truncate longer texts to this many tokens.
+        progress: show a progress bar.
 
     Returns:
         :class:`ItiProbes` (``.top(k)``, ``.accuracies``, ``.directions``, ``.sigmas``).

@@ -112,9 +112,11 @@ def repe_reading_vectors(
     """Read one vector per layer from texts of two classes (see the module docstring).
 
     Args:
-        model: a Hugging Face model. tokenizer: its tokenizer.
-        pos_texts, neg_texts: the two classes (the vector points from ``neg`` to ``pos``). ``"pca"``
-            pairs them by index, so it needs as many of each.
+        model: a Hugging Face model.
+        tokenizer: its tokenizer.
+        pos_texts: the class the vector points to. ``"pca"`` pairs ``pos_texts[i]`` with ``neg_texts[i]``,
+            so it needs as many of each.
+        neg_texts: the class the vector points away from.
         layers: the layers to read.
         method: ``"mean_diff"`` or ``"pca"``.
         positions: where to read each text: ``"l1"`` (last token) or a spec such as ``"all"`` or
@@ -122,7 +124,9 @@ def repe_reading_vectors(
         normalize: unit vectors (default), or the mean difference's scale (see the module docstring).
         component: the site of each layer (default ``block_output``, the residual stream after the layer;
             any component with one vector per token works).
-        batch_size, max_length, progress: passed to :func:`reftlib.collect_activations`.
+        batch_size: texts per forward pass (passed to :func:`reftlib.collect_activations`, as are the next two).
+        max_length: truncate longer texts to this many tokens.
+        progress: show a progress bar.
     """
     where = "repe_reading_vectors"
     require_model(model, "model", where)
