@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checks import describe, register_reft_model_class, require_model
-from .components import Site, resolve_site, text_config
+from .components import Site, find_layers, resolve_site, text_config
 from .config import DEFAULT_ADAPTER, ReftConfig, RepresentationConfig
 from .errors import AdapterError, ArchitectureError, InputError, ReftConfigError
 from .inputs import as_input_dict, attention_mask_of, check_length, input_device, input_length
@@ -82,6 +82,11 @@ class ReftModel(nn.Module):
     def interventions(self) -> dict[str, Intervention]:
         """``key -> intervention`` of the active adapters (pyreft's ``reft_model.interventions``)."""
         return {key: iv for name in self._active for key, iv in self.adapters[name].items()}
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """Decoder-layer class names (Hugging Face's convention): what FSDP and ``device_map`` keep whole."""
+        return sorted({type(layer).__name__ for layer in find_layers(self.model)[1]})
 
     @property
     def device(self) -> torch.device:
