@@ -31,12 +31,14 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     stepped = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
     updated = []
     for module in list(_tracked):
-        found = [stepped[id(p)] for p in module.parameters() if id(p) in stepped and p.grad is not None]
+        params = list(module.parameters())
+        found = [stepped[id(p)] for p in params if id(p) in stepped and p.grad is not None]
         if found:
-            updated.append((min(found), module))
+            # an intervention and the rotation inside it share their first parameter: the inner one first
+            updated.append(((min(found), len(params)), module))
     # In the optimizer's parameter order, the same on every process (the set's order is not): the
     # step of a module sharded by FSDP2 gathers its parameters, and collectives must match.
-    for _index, module in sorted(updated, key=lambda item: item[0]):
+    for _order, module in sorted(updated, key=lambda item: item[0]):
         module.after_optimizer_step()
 
 
