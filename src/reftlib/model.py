@@ -445,9 +445,21 @@ class ReftModel(nn.Module):
         return _fold_and_unload(self, adapter_names)
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, save_directory, *, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> None:
-        """Write safetensors + JSON config (one subfolder per non-default adapter), atomically."""
-        save_reft_model(self, save_directory, adapter_names=adapter_names, **kwargs)
+    def save_pretrained(self, save_directory, *, selected_adapters: Sequence[str] | None = None,
+                        is_main_process: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None,
+                        safe_serialization: bool = True, adapter_names: Sequence[str] | None = None,
+                        **kwargs: Any) -> None:
+        """Write safetensors + JSON config (one subfolder per non-default adapter), atomically.
+
+        PEFT's arguments: ``selected_adapters`` (default: every adapter; ``adapter_names`` is the older
+        name), ``is_main_process=False`` writes nothing (call it on every rank), ``state_dict`` takes
+        the weights from a gathered full state dict (FSDP) instead of the live modules, and
+        ``safe_serialization`` must stay ``True`` (only safetensors are written). Any other keyword
+        is refused with a :class:`~reftlib.errors.ReftConfigError`. See :func:`reftlib.io.save_reft_model`.
+        """
+        save_reft_model(self, save_directory, selected_adapters=selected_adapters, adapter_names=adapter_names,
+                        is_main_process=is_main_process, state_dict=state_dict,
+                        safe_serialization=safe_serialization, **kwargs)
 
     def save(self, save_directory, save_to_hf_hub: bool = False, hf_repo_name: str | None = None, **kwargs: Any) -> None:
         """pyreft-compatible alias of :meth:`save_pretrained` (optionally pushing to the Hub)."""
