@@ -49,10 +49,21 @@ def test_pyreft_style_instance_is_adopted_by_the_first_model_only():
     config = ReftConfig({"layer": 1, "component": "block_output", "intervention": iv})
     first = reftlib.get_reft_model(tiny_model("llama"), config)
     assert first.interventions["layer_1_block_output"] is iv  # the caller's handle stays live
+    with torch.no_grad():  # values computed into the instance (ITI-style) travel with it
+        iv.learned_source.bias.fill_(0.25)
     second = reftlib.get_reft_model(tiny_model("llama"), config)
     other = second.interventions["layer_1_block_output"]
     assert other is not iv and type(other) is type(iv) and other.config == iv.config
     assert not ({id(p) for p in iv.parameters()} & {id(p) for p in other.parameters()})
+    assert all(torch.equal(a, b) for a, b in zip(iv.state_dict().values(), other.state_dict().values()))
+    with torch.no_grad():
+        other.learned_source.bias.fill_(-1.0)
+    assert float(iv.learned_source.bias[0]) == 0.25
+    # built from a type name: every model starts from its own fresh initialization
+    by_name = ReftConfig({"layer": 1, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2})
+    a = reftlib.get_reft_model(tiny_model("llama"), by_name).interventions["layer_1_block_output"]
+    b = reftlib.get_reft_model(tiny_model("llama"), by_name).interventions["layer_1_block_output"]
+    assert not ({id(p) for p in a.parameters()} & {id(p) for p in b.parameters()})
 
 
 def test_config_save_and_load(tmp_path):

@@ -6,8 +6,8 @@ intervention stored as its registered type name plus every constructor argument
 (:attr:`RepresentationConfig.intervention_config`). Modules are built when a config is attached
 to a model, and a model works on its own copy of the config (nothing is written back into the
 caller's). An :class:`~reftlib.Intervention` instance given pyreft-style is adopted by the first
-model it is attached to; any later model gets a new one built from the same arguments, so two
-models never share intervention parameters.
+model it is attached to; any later model gets a copy of it (same values, its own parameters), so
+two models never share intervention parameters.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class RepresentationConfig:
     #: The intervention's type and constructor arguments when the config was made (pure data): what
     #: :meth:`to_dict` saves while unbound, and what a model that cannot adopt the instance builds from.
     intervention_config: dict[str, Any] = field(init=False, repr=False, compare=False, default_factory=dict)
+    #: Whether ``intervention`` was given as an instance (pyreft style) rather than a type name.
+    instance_given: bool = field(init=False, repr=False, compare=False, default=False)
     #: Whether :meth:`bind` tied this representation to a model's module.
     bound: bool = field(init=False, repr=False, compare=False, default=False)
 
@@ -100,7 +102,8 @@ class RepresentationConfig:
             raise ReftConfigError(f"layer must be an integer layer index, got {self.layer!r}")
         if self.intervention is None:
             self.intervention = "loreft"
-        if not isinstance(self.intervention, Intervention):
+        self.instance_given = isinstance(self.intervention, Intervention)
+        if not self.instance_given:
             cls = intervention_class(self.intervention)  # raises for unknown names
             kwargs = dict(self.intervention_kwargs)
             if self.low_rank_dimension is not None:
@@ -136,7 +139,14 @@ class RepresentationConfig:
         self.intervention_config = copy.deepcopy(iv.get_config())
 
     def new_intervention(self) -> Intervention:
-        """A fresh intervention module (new parameters) built from :attr:`intervention_config`."""
+        """The module for a model that cannot adopt :attr:`intervention` (another model owns it).
+
+        An instance the caller gave is copied, values included (its parameters may hold computed
+        values, e.g. ITI's offsets); one built from a type name is built afresh from
+        :attr:`intervention_config`. Either way the new module shares no parameter with the old one.
+        """
+        if self.instance_given:
+            return self.intervention.clone()
         return intervention_from_config(self.intervention_config)
 
     def copy(self) -> RepresentationConfig:

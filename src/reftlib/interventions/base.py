@@ -26,6 +26,7 @@ uses ``forward(h) − h`` as the edit. Head interventions (``unit = "h.pos"``) r
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -189,12 +190,18 @@ class Intervention(nn.Module):
         """Mark this instance as owned by a model; ``False`` when a model already owns it.
 
         A model attaching a config adopts the instances nobody owns yet (pyreft style: the caller's
-        handle stays live) and builds fresh ones for the others, so models never share parameters.
+        handle stays live) and copies the others (:meth:`clone`), so models never share parameters.
         """
         if self._claimed:
             return False
         self._claimed = True
         return True
+
+    def clone(self) -> Intervention:
+        """A deep copy (same values, new parameters) that no model owns yet."""
+        twin = copy.deepcopy(self)
+        twin._claimed = False
+        return twin
 
     def build_parameters(self) -> None:  # pragma: no cover - every built-in overrides it
         """Create parameters; ``self.embed_dim`` (and head sizes) are set when this runs."""

@@ -293,9 +293,9 @@ def iti_config(probes: ItiProbes, k: int | None = None, *, alpha: float, fractio
 
     Returns:
         a :class:`~reftlib.ReftConfig` with one :class:`~reftlib.HeadBiasIntervention` per layer
-        (``component="head_output"``, ``positions=None``) holding the computed offsets. Attach it to one
-        model (:func:`~reftlib.get_reft_model`); the offsets live in the instances, so build a new
-        config for another model, or save and load the ReftModel.
+        (``component="head_output"``, ``positions=None``) holding the computed offsets. The offsets live
+        in the instances: every model the config is attached to (:func:`~reftlib.get_reft_model`)
+        gets them, the first one the instances themselves and later ones copies.
     """
     probes = _check_probes(probes, "iti_config")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):

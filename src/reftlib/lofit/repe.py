@@ -168,8 +168,8 @@ def repe_config(vectors: ReadingVectors, alpha: float, layers: Iterable[int] | N
     """``alpha · v_layer`` added at every token of each layer (all layers of ``vectors``, or ``layers``).
 
     One :class:`~reftlib.SteeringVectorIntervention` per layer (frozen unless ``trainable``) at the
-    vectors' component, ``positions=None``. The vectors live in the instances: attach the config to one
-    model, build a new one for another.
+    vectors' component, ``positions=None``. The vectors live in the instances: a second model the config
+    is attached to gets a copy of them.
     """
     if not isinstance(vectors, ReadingVectors):
         raise ReftConfigError(f"repe_config(vectors=...) expects the ReadingVectors of repe_reading_vectors, "
