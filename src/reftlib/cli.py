@@ -1,22 +1,24 @@
 """The ``reftlib`` command line: train interventions from a config file, generate with them, inspect them.
 
-Three commands (``reftlib COMMAND --help`` explains each)::
+Four commands (``reftlib COMMAND --help`` explains each)::
 
     reftlib train CONFIG.yaml                     # train and save_pretrained into training.output_dir
     reftlib generate FOLDER --prompt "Hi" --compare
     reftlib info FOLDER
+    reftlib lofit truthfulqa|clutrr|mquake        # LoFiT end to end: heads -> offsets -> evaluation
 
 ``python -m reftlib`` is the same program. Exit status: 0 on success, 2 for usage and
 configuration errors (the :class:`~reftlib.errors.ReftError` message is printed, without a
 traceback), 1 for any other failure (printed with its traceback).
 
-This module holds the argument parser, the three commands and their printed output only; the
+This module holds the argument parser, the commands and their printed output only; the
 work is done by library modules that Python code can use directly:
 
 * :mod:`reftlib.train_config`: the training config's schema and validation (:class:`TrainConfig`);
 * :mod:`reftlib.recipe`: reading config and data files, loading models, ``train_from_config``;
 * :mod:`reftlib.generation`: tokenizing prompts as training does, ``generate_texts``;
-* :mod:`reftlib.io`: reading saved folders (for ``reftlib info``).
+* :mod:`reftlib.io`: reading saved folders (for ``reftlib info``);
+* :mod:`reftlib.lofit.tasks`: ``run_lofit_task``, one LoFiT task end to end (for ``reftlib lofit``).
 
 ``reftlib train --help`` lists every config key with its default. The names that lived here
 before (``reftlib.cli.parse_train_config``, ``reftlib.cli.generate_texts``, ...) still work for one
@@ -46,7 +48,7 @@ from .positions import parse_position_spec
 from .recipe import TRAIN_RECORD_NAME, format_prompts, resolve_chat_template
 from .train_config import CONFIG_KEYS, DEFAULT_MODEL_ALIASES, DTYPES
 
-__all__ = ["DEFAULT_MODEL_ALIASES", "TRAIN_RECORD_NAME", "build_parser", "describe_folder", "main"]
+__all__ = ["DEFAULT_MODEL_ALIASES", "LOFIT_TASKS", "TRAIN_RECORD_NAME", "build_parser", "describe_folder", "main"]
 
 PROG = "reftlib"
 
@@ -279,6 +281,82 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# =============================================================================== lofit
+#: The tasks of ``reftlib lofit`` (reftlib.lofit.TASKS, spelled out so that --help imports no torch).
+LOFIT_TASKS = ("truthfulqa", "clutrr", "mquake")
+
+
+def _heads_arg(text: str) -> float | int:
+    """``--heads``: a fraction below 1 (``0.03``) or a whole number of heads (``8``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction such as 0.03 or a number of heads, got {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _cmd_lofit(args: argparse.Namespace) -> int:
+    import torch
+
+    from .lofit.tasks import run_lofit_task
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output_dir = Path(args.output_dir or f"lofit-{args.task}").expanduser()
+    say = (lambda message: None) if args.quiet else (lambda message: print(f"[lofit] {message}", file=sys.stderr))
+    result = run_lofit_task(
+        args.task, model=args.model, data_dir=args.data, heads=args.heads, seed=args.seed, device=device,
+        dtype=args.dtype, output_dir=output_dir, max_train=args.max_train, max_eval=args.max_eval,
+        eval_split=args.eval_split, epochs=args.epochs, lr=args.lr, select_epochs=args.select_epochs,
+        select_lr=args.select_lr, l1=args.l1, batch_size=args.batch_size, heads_from=args.heads_from,
+        random_heads=args.random_heads, eval_base=args.eval_base, progress=not args.quiet, log=say)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "per_example"}, indent=2, default=str))
+        return 0
+    print(f"{args.task} ({result['eval_split']}, n={result['n_eval']}), {result['heads']['k']} heads "
+          f"({result['heads']['source']}), {_count(result['trainable_parameters'])} trainable parameters:")
+    for name, metric in result["metrics"].items():
+        base = result.get("base_metrics", {}).get(name)
+        line = f"  {name:<12} {_percent(metric)}"
+        print(line + (f"   (base model {_percent(base)})" if base else ""))
+    print(f"wrote {output_dir}: adapter (ReftModel.from_pretrained), head_selection.json, "
+          + ("heads.png, " if "heatmap" in result["files"] else "") + "results.json, results.md")
+    return 0
+
+
+def _percent(metric: Mapping[str, Any]) -> str:
+    if metric.get("value") is None:
+        return "n/a"
+    err = "" if metric.get("stderr") is None else f" ± {100 * metric['stderr']:.1f}"
+    return f"{100 * metric['value']:.1f}%{err}"
+
+
+_LOFIT_EPILOG = """\
+The three steps of LoFiT's train_script_{task}.sh in one command: (1) learn a scale on every
+attention head with an L1 penalty and keep the top heads, (2) learn an offset on each kept head,
+(3) evaluate: TruthfulQA MC1/MC2 (DPO training pairs), CLUTRR and MQuAKE exact match of the
+greedy answer (cross-entropy training). Metrics are printed with one standard error.
+
+The data folder (--data, else $REFTLIB_DATA, else ../shared/data next to the project) holds
+  truthfulqa/fold_0_{train,val,test}_seed_42.csv, clutrr/{train,val,test}.json,
+  mquake/{train,val,test}.jsonl
+
+OUTPUT_DIR receives the offsets (reft_config.json + safetensors, load with
+ReftModel.from_pretrained(OUTPUT_DIR, model) or `reftlib generate OUTPUT_DIR`), head_selection.json,
+heads.png (when matplotlib is installed), results.json and results.md.
+
+Localization ablation: --heads-from OTHER_RUN_DIR trains offsets on the heads another run selected
+(e.g. CLUTRR's heads for TruthfulQA); --random-heads on as many heads drawn with --seed.
+
+examples:
+  reftlib lofit truthfulqa                                   # offline SmolLM2, all data (slow on CPU)
+  reftlib lofit clutrr --max-train 64 --max-eval 100 --device cuda
+  reftlib lofit mquake --model ./my-llama --heads 0.1 --dtype bf16
+  reftlib lofit truthfulqa --heads-from lofit-clutrr --output-dir lofit-tqa-clutrr-heads
+  reftlib lofit truthfulqa --random-heads --seed 1 --output-dir lofit-tqa-random
+"""
+
+
 # =============================================================================== parser
 _MAIN_EPILOG = """\
 examples:
@@ -286,6 +364,7 @@ examples:
   reftlib train my.yaml --set training.epochs=5      # override any config key
   reftlib generate emoji-reft --prompt "Who are you?" --compare
   reftlib info emoji-reft
+  reftlib lofit clutrr --max-train 64 --max-eval 100  # LoFiT: heads -> offsets -> evaluation
 
 Run `reftlib COMMAND --help` for the options of each command.
 Exit status: 0 success, 2 usage or configuration error, 1 any other failure.
@@ -364,7 +443,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``reftlib`` argument parser (subcommands ``train``, ``generate``, ``info``)."""
+    """The ``reftlib`` argument parser (subcommands ``train``, ``generate``, ``info``, ``lofit``)."""
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter, epilog=_MAIN_EPILOG,
         description="Train and use representation interventions (ReFT, LoFiT) on Hugging Face models.\n"
@@ -432,6 +511,42 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", metavar="FOLDER", help="a folder written by `reftlib train` or save_pretrained")
     info.add_argument("--json", action="store_true", help="print the description as JSON")
     info.set_defaults(handler=_cmd_info)
+
+    lofit = commands.add_parser(
+        "lofit", formatter_class=_Formatter, epilog=_LOFIT_EPILOG,
+        help="LoFiT end to end on TruthfulQA, CLUTRR or MQuAKE: select heads, tune offsets, evaluate",
+        description="Run LoFiT on one task: head selection -> offset tuning -> evaluation, then write the\n"
+                    "adapter, the head heatmap and the results (JSON and Markdown) into OUTPUT_DIR.",
+    )
+    lofit.add_argument("task", metavar="TASK", choices=LOFIT_TASKS,
+                       help=f"one of {', '.join(LOFIT_TASKS)}")
+    lofit.add_argument("--model", metavar="PATH",
+                       help="a local Hugging Face causal LM folder (default: the offline SmolLM2-135M-Instruct)")
+    lofit.add_argument("--data", metavar="DIR", help="the data folder (default: $REFTLIB_DATA or ../shared/data)")
+    lofit.add_argument("--output-dir", metavar="DIR", help="where to write everything (default: lofit-TASK)")
+    lofit.add_argument("--heads", type=_heads_arg, default=0.03, metavar="H",
+                       help="fraction of all heads (below 1) or number of heads (default: 0.03)")
+    ablation = lofit.add_mutually_exclusive_group()
+    ablation.add_argument("--heads-from", metavar="RUN_DIR",
+                          help="skip head selection; use the heads saved by another run (ablation)")
+    ablation.add_argument("--random-heads", action="store_true",
+                          help="skip head selection; use as many heads drawn at random with --seed (ablation)")
+    lofit.add_argument("--seed", type=int, default=42, help="seed for init, data order, subsets, random heads")
+    lofit.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    lofit.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: fp32)")
+    lofit.add_argument("--max-train", type=int, metavar="N", help="use N training examples (default: all)")
+    lofit.add_argument("--max-eval", type=int, metavar="N", help="score the first N examples (default: all)")
+    lofit.add_argument("--eval-split", choices=("test", "val"), default="test", help="(default: test)")
+    lofit.add_argument("--epochs", type=float, help="offset-tuning epochs (task default: 3)")
+    lofit.add_argument("--lr", type=float, help="offset-tuning learning rate (TruthfulQA 3e-2, others 2e-2)")
+    lofit.add_argument("--select-epochs", type=float, help="head-selection epochs (default: 2)")
+    lofit.add_argument("--select-lr", type=float, help="head-selection learning rate (default: 5e-3)")
+    lofit.add_argument("--l1", type=float, help="head-selection L1 weight (default: 1e-3)")
+    lofit.add_argument("--batch-size", type=int, metavar="N", help="examples per step (default: 8)")
+    lofit.add_argument("--eval-base", action="store_true", help="also score the model without offsets")
+    lofit.add_argument("--json", action="store_true", help="print the results as JSON")
+    lofit.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    lofit.set_defaults(handler=_cmd_lofit)
     return parser
 
 

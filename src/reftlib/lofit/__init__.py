@@ -17,7 +17,9 @@ The two-step recipe::
 ``train_data`` is ``(prompt, answer)`` pairs (cross-entropy) or ``(prompt, chosen, rejected)``
 triples (DPO with :class:`~reftlib.training.ReftDPOTrainer`, the reference being the model with
 interventions off; the DPO names are re-exported here from :mod:`reftlib.training.dpo`).
-Both steps run on reftlib's ``Trainer`` subclasses. See ``docs/lofit.md``.
+Both steps run on reftlib's ``Trainer`` subclasses. :func:`run_lofit_task` runs a whole task
+(TruthfulQA, CLUTRR, MQuAKE: selection, offsets, evaluation, saved files), as ``reftlib lofit TASK``
+does. See ``docs/lofit.md``.
 """
 
 from ..errors import MergeError, MissingDependencyError
@@ -61,9 +63,22 @@ from .selection import (
     lofit_config,
     select_heads,
 )
+from .task_data import (
+    TASKS,
+    TaskData,
+    TaskSpec,
+    check_task_data,
+    evaluate_task,
+    get_task_spec,
+    load_task_data,
+    mean_and_stderr,
+    truthfulqa_dpo_pairs,
+)
+from .tasks import random_head_selection, resolve_heads_from, run_lofit_task
 
 __all__ = [
     "READING_METHODS",
+    "TASKS",
     "AdapterDPOTrainer",
     "AlphaSearch",
     "HeadScaleDPOTrainer",
@@ -77,25 +92,36 @@ __all__ = [
     "ReadingVectors",
     "ReftDPODataCollator",
     "ReftDPOTrainer",
+    "TaskData",
+    "TaskSpec",
     "apply_iti",
     "apply_repe",
+    "check_task_data",
     "count_heads",
     "dpo_loss",
+    "evaluate_task",
     "fit_linear_probes",
+    "get_task_spec",
     "iti_config",
     "iti_probe_heads",
+    "load_task_data",
     "lofit_config",
     "make_preference_data_module",
     "make_preference_dataset",
     "make_sft_dataset",
+    "mean_and_stderr",
     "merge_and_unload",
     "normalize_train_data",
     "plot_head_scores",
+    "random_head_selection",
     "repe_config",
     "repe_reading_vectors",
+    "resolve_heads_from",
     "resolve_objective",
+    "run_lofit_task",
     "select_heads",
     "sequence_logps",
+    "truthfulqa_dpo_pairs",
     "tune_alpha",
     "tune_iti_alpha",
     "tune_offsets",
