@@ -6,9 +6,9 @@ of the CLUTRR *train* split (drawn with a fixed seed), and evaluated by exact ma
 answer (:func:`reftlib.evaluation.exact_match_generate`: text up to the first newline, stripped,
 case-insensitive as in LoFiT's scripts) on the *test* split (``--eval-split val`` for tuning).
 
-* **LoFiT**: :func:`reftlib.lofit.select_heads` once (cross-entropy + L1), then
-  :func:`reftlib.lofit.tune_offsets` on the top 3 % and 10 % heads; evaluated after
-  :func:`reftlib.lofit.merge_and_unload` (a plain model: offsets at every token, also generated ones).
+* **LoFiT**: :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit clutrr`` runs):
+  :func:`reftlib.lofit.select_heads` once (cross-entropy + L1), then :func:`reftlib.lofit.tune_offsets`
+  on the top 3 % and 10 % heads; evaluated with the offsets at every token, also generated ones.
 * **LoReFT**: rank 4 at ``block_output`` of layer 15, last prompt token, trained with
   :class:`reftlib.training.ReftTrainerForCausalLM`; generation intervenes on the prompt's last token.
 * **LoRA**: PEFT ``r=8, alpha=16`` on ``q_proj``/``v_proj``, trained with ``transformers.Trainer``
@@ -41,13 +41,14 @@ from lofit_truthfulqa import (
     command_line,
     count_trainable,
     head_dim,
+    lofit_runs,
     log,
     setup_threads,
 )
 
 import reftlib
-from reftlib.evaluation import clutrr_sft_examples, exact_match_generate, load_clutrr
-from reftlib.lofit import make_sft_dataset, merge_and_unload, select_heads, tune_offsets
+from reftlib.evaluation import clutrr_sft_examples, load_clutrr
+from reftlib.lofit import evaluate_task, make_sft_dataset
 from reftlib.lofit._fit import training_arguments
 from reftlib.offline import load_default_model
 from reftlib.training import ReftDataCollator, ReftTrainerForCausalLM
@@ -69,14 +70,16 @@ def default_settings(quick: bool) -> dict[str, Any]:
 
 
 def evaluate(model: Any, tokenizer, rows, settings) -> dict[str, Any]:
-    start = time.perf_counter()
-    out = exact_match_generate(model, tokenizer, [r.prompt for r in rows], [r.target for r in rows],
-                               max_new_tokens=settings["max_new_tokens"], batch_size=16, ignore_case=True,
-                               progress=False)
-    lenient = [p.rstrip(".").strip().lower() == r.target.lower() for p, r in zip(out["predictions"], rows)]
-    return {"accuracy": out["accuracy"], "lenient": sum(lenient) / len(lenient), "n": out["n"],
-            "eval_s": time.perf_counter() - start,
-            "examples": list(zip(out["predictions"][:5], [r.target for r in rows[:5]]))}
+    out = evaluate_task("clutrr", model, tokenizer, rows, max_new_tokens=settings["max_new_tokens"], progress=False)
+    return scores_of(out["metrics"], out["per_example"], out["n"], out["eval_s"], rows)
+
+
+def scores_of(metrics, per_example, n, eval_s, rows) -> dict[str, Any]:
+    """The table's columns from :func:`reftlib.lofit.evaluate_task`'s output (``lenient``: a final period allowed)."""
+    predictions = [e["prediction"] for e in per_example]
+    lenient = [p.rstrip(".").strip().lower() == r.target.lower() for p, r in zip(predictions, rows)]
+    return {"accuracy": metrics["exact_match"]["value"], "lenient": sum(lenient) / len(lenient), "n": n,
+            "eval_s": eval_s, "examples": list(zip(predictions[:5], [r.target for r in rows[:5]]))}
 
 
 def train(trainer_cls, model, tokenizer, dataset, cfg, settings, quiet) -> float:
@@ -90,29 +93,16 @@ def train(trainer_cls, model, tokenizer, dataset, cfg, settings, quiet) -> float
         return time.perf_counter() - start
 
 
-def run_lofit(tokenizer, pairs, rows, settings, quiet) -> list[dict[str, Any]]:
+def run_lofit(rows, settings, args) -> list[dict[str, Any]]:
+    """LoFiT with :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit clutrr`` runs), both K."""
     model, _ = load_default_model()
-    sel = settings["select"]
-    start = time.perf_counter()
-    selection = select_heads(model, tokenizer, pairs, fraction=settings["lofit"]["fractions"][0], l1=sel["l1"],
-                             lr=sel["lr"], epochs=sel["epochs"], batch_size=settings["batch_size"],
-                             seed=settings["seed"], training_args=quiet)
-    select_s = time.perf_counter() - start
-    log(f"head selection in {select_s:.0f}s: {selection}")
     results = []
-    for fraction in settings["lofit"]["fractions"]:
-        chosen = selection.top(fraction=fraction)
-        model, _ = load_default_model()
-        start = time.perf_counter()
-        reft_model = tune_offsets(model, chosen, pairs, tokenizer=tokenizer, lr=settings["lofit"]["lr"],
-                                  epochs=settings["lofit"]["epochs"], batch_size=settings["batch_size"],
-                                  seed=settings["seed"], training_args=quiet)
-        train_s = time.perf_counter() - start
-        params = reft_model.count_parameters()
-        results.append({"method": f"LoFiT ({round(fraction * 100)}% = {chosen.k} heads)", "params": params,
-                        "train_s": train_s + select_s, "select_s": select_s,
-                        "selection_params": selection.scores.numel() * head_dim(model),
-                        **evaluate(merge_and_unload(reft_model), tokenizer, rows, settings)})
+    for out, chosen in lofit_runs("clutrr", settings, args, settings["train_examples"], settings["eval_examples"]):
+        select_s = results[0]["select_s"] if results else out["timing"]["select_s"]
+        results.append({"method": f"LoFiT ({round(out['heads']['fraction'] * 100)}% = {chosen.k} heads)",
+                        "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
+                        "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
+                        **scores_of(out["metrics"], out["per_example"], out["n_eval"], out["timing"]["eval_s"], rows)})
         log(f"{results[-1]}")
     return results
 
@@ -174,8 +164,8 @@ def report(results, settings, info, args) -> str:
         "cross-entropy on `\" \" + relation` + EOS for every method; batch "
         f"{s['batch_size']}, AdamW, linear decay, no weight decay.",
         f"* LoFiT: head selection {s['select']['epochs']} epochs, lr {s['select']['lr']}, L1 λ={s['select']['l1']} "
-        f"(one run, shared by both K); offsets {s['lofit']['epochs']} epochs, lr {s['lofit']['lr']}; evaluated "
-        "merged (`merge_and_unload`).",
+        f"(one run, shared by both K); offsets {s['lofit']['epochs']} epochs, lr {s['lofit']['lr']} "
+        "(`reftlib.lofit.run_lofit_task`, as `reftlib lofit clutrr`).",
         f"* LoReFT: rank {s['loreft']['rank']}, layer {s['loreft']['layer']} `block_output`, last prompt token, "
         f"{s['loreft']['epochs']} epochs, lr {s['loreft']['lr']}.",
         f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, "
@@ -224,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         **evaluate(model, tokenizer, eval_rows, settings)})
         log(f"{results[-1]}")
     if "lofit" in methods:
-        results.extend(run_lofit(tokenizer, pairs, eval_rows, settings, quiet))
+        results.extend(run_lofit(eval_rows, settings, args))
     if "loreft" in methods:
         results.append(run_loreft(tokenizer, pairs, eval_rows, settings, quiet))
         log(f"{results[-1]}")

@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,13 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, describe_machine, load_average, machine_info, markdown_table, replace_section
 
 import reftlib
-from reftlib.evaluation import load_truthfulqa, truthfulqa_mc
+from reftlib.evaluation import load_truthfulqa
 from reftlib.lofit import (
     AdapterDPOTrainer,
+    HeadSelection,
     ReftDPOTrainer,
+    evaluate_task,
     make_preference_data_module,
-    select_heads,
-    tune_offsets,
+    run_lofit_task,
+    truthfulqa_dpo_pairs,
 )
 from reftlib.lofit._fit import training_arguments
 from reftlib.offline import load_default_model
@@ -71,10 +73,8 @@ def default_settings(quick: bool) -> dict[str, Any]:
     }
 
 
-def preference_pairs(rows, seed: int) -> list[tuple[str, str, str]]:
-    """One (prompt, best answer, incorrect answer) triple per question; the incorrect one drawn with ``seed``."""
-    rng = random.Random(seed)
-    return [(row.prompt, " " + row.best_answer, " " + rng.choice(row.incorrect_answers)) for row in rows]
+#: One (prompt, best answer, incorrect answer) triple per question; the incorrect one drawn with the seed.
+preference_pairs = truthfulqa_dpo_pairs
 
 
 # --------------------------------------------------------------------------- evaluation helpers
@@ -88,9 +88,28 @@ def count_trainable(model: nn.Module) -> int:
 
 
 def evaluate(model: Any, tokenizer, rows) -> dict[str, float]:
-    start = time.perf_counter()
-    scores = truthfulqa_mc(model, tokenizer, rows, batch_size=16, progress=False)
-    return {"mc1": scores["mc1"], "mc2": scores["mc2"], "n": scores["n"], "eval_s": time.perf_counter() - start}
+    scores = evaluate_task("truthfulqa", model, tokenizer, rows, progress=False)
+    return {"mc1": scores["metrics"]["mc1"]["value"], "mc2": scores["metrics"]["mc2"]["value"], "n": scores["n"],
+            "eval_s": scores["eval_s"]}
+
+
+def lofit_runs(task: str, settings: dict[str, Any], args, max_train: int | None, max_eval: int | None):
+    """``(result, selection)`` of :func:`reftlib.lofit.run_lofit_task` for each K in ``settings["lofit"]``.
+
+    Head selection runs once, for the first K; the other K reuse its ranking (``heads_from``).
+    """
+    sel = settings["select"]
+    with tempfile.TemporaryDirectory() as tmp:
+        first: Path | None = None
+        for i, fraction in enumerate(settings["lofit"]["fractions"]):
+            folder = Path(tmp) / str(i)
+            result = run_lofit_task(
+                task, data_dir=args.data_dir, heads=fraction, seed=settings["seed"], output_dir=folder,
+                max_train=max_train, max_eval=max_eval, eval_split=args.eval_split, epochs=settings["lofit"]["epochs"],
+                lr=settings["lofit"]["lr"], select_epochs=sel["epochs"], select_lr=sel["lr"], l1=sel["l1"],
+                batch_size=settings["batch_size"], heads_from=first, progress=False, plot=False, log=log)
+            first = first or folder
+            yield result, HeadSelection.load(folder)
 
 
 def setup_threads(requested: int | None) -> int:
@@ -132,36 +151,26 @@ def log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- methods
-def run_lofit(tokenizer, triples, rows, settings, quiet) -> list[dict[str, Any]]:
+def run_lofit(settings, args) -> list[dict[str, Any]]:
+    """LoFiT with :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit truthfulqa`` runs), both K."""
     model, _ = load_default_model()
-    start = time.perf_counter()
-    sel = settings["select"]
-    selection = select_heads(model, tokenizer, triples, fraction=settings["lofit"]["fractions"][0], l1=sel["l1"],
-                             lr=sel["lr"], epochs=sel["epochs"], batch_size=settings["batch_size"],
-                             beta=settings["beta"], seed=settings["seed"], training_args=quiet)
-    select_s = time.perf_counter() - start
-    log(f"head selection in {select_s:.0f}s: {selection}")
-    selection.save(DOCS / "img" / "lofit_truthfulqa_heads.json")
     results = []
-    for fraction in settings["lofit"]["fractions"]:
-        chosen = selection.top(fraction=fraction)
-        with_plot = DOCS / "img" / f"lofit_truthfulqa_heads_{round(fraction * 100)}pct.png"
+    for out, chosen in lofit_runs("truthfulqa", settings, args, settings["train_questions"],
+                                  settings["eval_questions"]):
+        select_s = results[0]["select_s"] if results else out["timing"]["select_s"]
+        if not results:
+            chosen.top(fraction=settings["lofit"]["fractions"][0]).save(DOCS / "img" / "lofit_truthfulqa_heads.json")
+        with_plot = DOCS / "img" / f"lofit_truthfulqa_heads_{round(out['heads']['fraction'] * 100)}pct.png"
         try:
             chosen.plot(with_plot, title=f"SmolLM2-135M TruthfulQA: top {chosen.k} heads")
         except reftlib.ReftError as exc:  # matplotlib missing: the table is still produced
             log(f"no plot: {exc}")
-        model, _ = load_default_model()
-        start = time.perf_counter()
-        reft_model = tune_offsets(model, chosen, triples, tokenizer=tokenizer, lr=settings["lofit"]["lr"],
-                                  epochs=settings["lofit"]["epochs"], batch_size=settings["batch_size"],
-                                  beta=settings["beta"], seed=settings["seed"], training_args=quiet)
-        train_s = time.perf_counter() - start
-        scores = evaluate(reft_model, tokenizer, rows)
         results.append({
-            "method": f"LoFiT ({round(fraction * 100)}% = {chosen.k} heads)",
-            "params": reft_model.count_parameters(), "train_s": train_s + select_s, "select_s": select_s,
-            "selection_params": selection.scores.numel() * head_dim(model), **scores,
-            "heads": chosen.heads,
+            "method": f"LoFiT ({round(out['heads']['fraction'] * 100)}% = {chosen.k} heads)",
+            "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
+            "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
+            "mc1": out["metrics"]["mc1"]["value"], "mc2": out["metrics"]["mc2"]["value"], "n": out["n_eval"],
+            "eval_s": out["timing"]["eval_s"], "heads": chosen.heads,
         })
         log(f"{results[-1]}")
     return results
@@ -298,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.append({"method": "base model", "params": 0, "train_s": 0.0, **evaluate(model, tokenizer, eval_rows)})
         log(f"{results[-1]}")
     if "lofit" in methods:
-        results.extend(run_lofit(tokenizer, triples, eval_rows, settings, quiet))
+        results.extend(run_lofit(settings, args))
     if "loreft" in methods:
         results.append(run_loreft(tokenizer, triples, eval_rows, settings, quiet))
         log(f"{results[-1]}")
