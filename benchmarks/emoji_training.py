@@ -1,7 +1,7 @@
 """End-to-end training time of the emoji tutorial: reftlib's Trainer vs the raw step vs pyreft's Trainer.
 
-The recipe is the one of ``examples/emoji_chatbot.py`` (and of pyreft's emoji tutorial): the 10
-``TRAIN`` examples of that script, one batch of 10 per step, 100 epochs (= 100 steps), rank-4
+The recipe is pyreft's emoji tutorial (the demo ``examples/emoji_chatbot.py`` trains on a larger set):
+the 10 ``TUTORIAL_TRAIN`` examples of that script, one batch of 10 per step, 100 epochs (= 100 steps), rank-4
 LoReFT on the block output of layer 15 of SmolLM2-135M-Instruct at the last prompt token,
 AdamW lr 4e-3 with linear decay. ``--template tutorial`` (default) formats the prompts with
 pyreft's tutorial template, as the tutorial run in the field notes did (10 x 27-token batches);
@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import common  # first: may set OMP_WAIT_POLICY before torch is imported
 import torch
-from emoji_chatbot import TRAIN
+from emoji_chatbot import TUTORIAL_TRAIN as TRAIN
 from transformers import TrainerCallback, TrainingArguments
 
 import reftlib
