@@ -3,7 +3,7 @@
 TRL (1.x) computes log-probabilities with a fused LM head: it replaces ``model.forward`` with a
 function that runs ``model.base_model`` and the head itself. On a ReftModel that skips
 ``ReftModel.forward``, so no intervention acts and nothing trains (the first test pins this
-down). :func:`reft_forward_for_trl` moves the fused head under the ReftModel, onto the Hugging
+down). :func:`prepare_for_trl` moves the fused head under the ReftModel, onto the Hugging
 Face model inside it; then both trainers work, with positions configured on the representations
 or given by reftlib's ``ReftDataCollator`` (``intervention_locations``). For DPO, pass the base
 model inside the ReftModel as ``ref_model``: outside a ReftModel call it runs without
@@ -20,10 +20,10 @@ import torch
 
 import reftlib
 from reftlib.training import make_last_position_supervised_data_module, sequence_logps
+from reftlib.training.trl_support import prepare_for_trl
 
 trl = pytest.importorskip("trl", reason="trl is not installed (pip install 'reftlib[trl]')")
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
-from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_model  # noqa: E402
@@ -31,25 +31,10 @@ from tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
 VOCAB_SUM = 128  # the tiny vocabulary: the widest reduction in a token's log-probability
-# Every per-token field TRL's trainers read (SFT: log_probs, entropy, is_top1; DPO adds mean_logits
-# and, with use_weighting, log_sum_sq_probs).
-FUSED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 PROMPTS = ["hi ", "yo ", "ab ", "it is "]
 ANSWERS = ["there", "man", "cd", "fine"]
 REJECTED = ["foo", "bar", "xy", "bad"]
-
-
-def reft_forward_for_trl(reft_model: reftlib.ReftModel) -> None:
-    """Undo TRL's fused-head patch of ``reft_model.forward`` and put the fused head on the base model instead.
-
-    Call it after building the TRL trainer. ``trainer.model(..., fused_lm_head=True)`` then goes
-    through ``ReftModel.forward`` (which plans the interventions and passes ``labels`` and
-    ``fused_lm_head`` on), and the base model's fused forward runs while the interventions act.
-    """
-    reft_model.__dict__.pop("forward", None)
-    reft_model.model.__dict__.pop("forward", None)  # a fused head TRL added for a ref_model
-    add_fused_lm_head(reft_model.model, outputs=FUSED_OUTPUTS)
 
 
 def _reft_model(positions: str | None = "f3") -> reftlib.ReftModel:
@@ -92,14 +77,14 @@ def _sft_dataset():
 
 
 def test_trl_fused_head_alone_skips_the_interventions(tmp_path):
-    """Without :func:`reft_forward_for_trl`, TRL's forward bypasses ReftModel.forward: no intervention gets a gradient."""
+    """Without :func:`prepare_for_trl`, TRL's forward bypasses ReftModel.forward: no intervention gets a gradient."""
     reft_model = _reft_model()
     trainer = SFTTrainer(model=reft_model, args=_args(SFTConfig, tmp_path), train_dataset=_sft_dataset(),
                          processing_class=tiny_tokenizer())
     assert "forward" in reft_model.__dict__  # TRL patched the instance
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert not reft_model(**batch, fused_lm_head=True).loss.requires_grad  # only frozen weights were used
-    reft_forward_for_trl(reft_model)
+    prepare_for_trl(reft_model)
     reft_model(**batch, fused_lm_head=True).loss.backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in reft_model.adapters.parameters())
 
@@ -110,7 +95,7 @@ def test_sft_configured_positions(tmp_path):
     base_before, reft_before = _snapshot(reft_model.model), _snapshot(reft_model)
     trainer = SFTTrainer(model=reft_model, args=_args(SFTConfig, tmp_path), train_dataset=_sft_dataset(),
                          processing_class=tiny_tokenizer())
-    reft_forward_for_trl(reft_model)
+    prepare_for_trl(reft_model)
     trainer.train()
     losses = _losses(trainer)
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -132,7 +117,7 @@ def test_sft_with_reftlib_collator(tmp_path):
     trainer = SFTTrainer(model=reft_model, args=args,
                          train_dataset=module["train_dataset"], data_collator=module["data_collator"],
                          processing_class=tokenizer)
-    reft_forward_for_trl(reft_model)
+    prepare_for_trl(reft_model)
     trainer.train()
     losses = _losses(trainer)
     # The first step's loss is the mean token loss at the collator's positions, computed by TRL's
@@ -153,7 +138,7 @@ def test_dpo_with_the_base_model_as_reference(tmp_path):
     trainer = DPOTrainer(model=reft_model, ref_model=reft_model.model, args=_args(DPOConfig, tmp_path, beta=0.5),
                          train_dataset=dataset, processing_class=tokenizer)
     assert trainer.ref_model is reft_model.model  # no second copy of the weights
-    reft_forward_for_trl(reft_model)
+    prepare_for_trl(reft_model)
     trainer.train()
     losses = _losses(trainer)
     assert len(losses) == 6 and losses[-1] < losses[0]
