@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = ReftLLM(default_model_path(), adapters={"default": folder, "fl": folder, "lofit": folder},
-                     dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48,
+                     dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
                      seed=0)
     return engine, tokenizer, prompts, reft_model
 
@@ -110,15 +110,21 @@ def test_mixed_batch_matches_hf(setup):
     assert got == [_hf_tokens(reft_model, tokenizer, p, a) for p, a in rows]
 
 
-def test_chunked_prefill_splits_the_prompt(setup):
-    """A prompt longer than the per-step token budget is prefilled in chunks; "l1" still lands on its last token."""
+def test_chunked_prefill_and_prefix_cache(setup):
+    """A prompt longer than the per-step token budget is prefilled in chunks, and its full KV blocks go
+    to the prefix cache: each adapter still gets its own tokens ("l1" on the last prompt token, LoFiT on
+    every token), run one after the other on the same prompt, the base model first. Without
+    per-adapter cache salts the adapters would reuse the base model's cached blocks."""
     engine, tokenizer, prompts, reft_model = setup
-    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
-    long_prompt = (prompts[0] * ((budget // len(prompts[0])) + 2))[: 240 - MAX_NEW]
-    if len(long_prompt) <= budget:
-        pytest.skip(f"the engine's per-step budget ({budget} tokens) holds the whole prompt")
-    for adapter in ("default", "lofit"):
-        assert _vllm_tokens(engine, [long_prompt], [adapter]) == [_hf_tokens(reft_model, tokenizer, long_prompt, adapter)]
+    config = engine.llm.llm_engine.vllm_config
+    budget = config.scheduler_config.max_num_batched_tokens
+    long_prompt = (prompts[0] * ((240 // len(prompts[0])) + 1))[: 240 - MAX_NEW]
+    assert len(long_prompt) > budget, "the prompt must not fit in one step"
+    assert config.cache_config.enable_prefix_caching
+    assert config.cache_config.block_size <= len(long_prompt) // 2, "the prompt must fill a cached block"
+    for adapter in (None, "lofit", "fl", "default", None):
+        want = _hf_tokens(reft_model, tokenizer, long_prompt, adapter)
+        assert _vllm_tokens(engine, [long_prompt], [adapter]) == [want], adapter
 
 
 def test_cache_salt_separates_adapters_and_prompt_lengths(setup):
