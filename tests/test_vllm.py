@@ -149,3 +149,29 @@ def test_unservable_adapter_is_refused_before_the_engine_starts(tmp_path):
                            set_device=False).save_pretrained(tmp_path)
     with pytest.raises(reftlib.AdapterError, match="mlp_output"):
         ReftLLM(default_model_path(), adapters={"default": tmp_path}, dtype="float32")
+
+
+def test_unsupported_vllm_version_is_refused():
+    from reftlib.serving.vllm_backend import check_vllm_version
+
+    assert check_vllm_version("0.32.3") == "0.32.3"
+    with pytest.raises(reftlib.ReftError, match=r"vLLM 0\.31\.0 is not supported.*0\.32\.x"):
+        check_vllm_version("0.31.0")
+
+
+def test_settings_that_break_the_hooks_are_refused():
+    from reftlib.offline import default_model_path
+
+    with pytest.raises(reftlib.ReftError, match="enforce_eager"):
+        ReftLLM(default_model_path(), enforce_eager=False)
+    with pytest.raises(reftlib.ReftError, match="tensor_parallel_size=1"):
+        ReftLLM(default_model_path(), tensor_parallel_size=2)
+
+
+def test_other_architectures_are_refused(setup, tmp_path):
+    from reftlib.serving.adapters import load_served_adapter
+
+    folder = setup[0].adapters["default"].folder
+    with pytest.raises(reftlib.AdapterError, match="'gpt2'"):
+        load_served_adapter("default", folder, {"model_type": "gpt2", "num_hidden_layers": 30, "hidden_size": 576,
+                                                "num_attention_heads": 9})
