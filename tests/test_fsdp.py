@@ -171,3 +171,15 @@ def test_trainer_refuses_fsdp1():
     with pytest.raises(reftlib.ReftConfigError, match=r"FSDP2 only.*'version': 2"):
         check_trainer_fsdp(SimpleNamespace(fsdp_version=1))
     check_trainer_fsdp(SimpleNamespace(fsdp_version=2))
+
+
+def test_trainer_needs_full_state_dict_checkpoints():
+    """accelerate's FSDP2 default (sharded state dicts) would skip reftlib's save: refused with the setting to use."""
+    from torch.distributed.fsdp import StateDictType
+
+    with pytest.raises(reftlib.ReftConfigError, match="FULL_STATE_DICT"):
+        check_trainer_fsdp(SimpleNamespace(fsdp_version=2, state_dict_type=StateDictType.SHARDED_STATE_DICT))
+    with pytest.raises(reftlib.ReftConfigError, match="FULL_STATE_DICT"):
+        check_trainer_fsdp(SimpleNamespace(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT"))
+    check_trainer_fsdp(SimpleNamespace(fsdp_version=2, state_dict_type=StateDictType.FULL_STATE_DICT))
+    check_trainer_fsdp(SimpleNamespace(fsdp_version=2, state_dict_type="FULL_STATE_DICT"))

@@ -1,5 +1,7 @@
 """Position-aware generation with the KV cache: modes, batching with left padding, beams, sampling."""
 
+import inspect
+
 import pytest
 import torch
 from helpers import randomize
@@ -170,3 +172,55 @@ def test_unknown_mode():
     _, reft_model = _reft()
     with pytest.raises(reftlib.ReftConfigError, match="generation mode"):
         reft_model.generate(input_ids=torch.tensor([[1, 2]]), mode="sometimes")
+
+
+def _prompt_and_stack(dtype=torch.float64):
+    model = tiny_model("llama", dtype=dtype)
+    name = str(dtype).removeprefix("torch.")
+    reft_model = reftlib.get_reft_model(model, reftlib.ReftConfig([
+        {"layer": 1, "component": "block_output", "positions": "l1",
+         "intervention": reftlib.LoreftIntervention(low_rank_dimension=2, dtype=name)},
+        {"layer": 2, "component": "head_output", "intervention": reftlib.HeadBiasIntervention(heads=[1], dtype=name)},
+    ]))
+    with torch.no_grad():
+        for p in reft_model.adapters.parameters():
+            p.normal_(0, 1.0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    return reft_model, ids, torch.ones_like(ids)
+
+
+def _scores(reft_model, ids, mask, **kwargs):
+    out = reft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                              return_dict_in_generate=True, output_scores=True, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+def test_prompt_prefilled_in_chunks_equals_one_prefill():
+    """'l1' falls in the last of three prefill chunks; each chunk edits only its own positions."""
+    reft_model, ids, mask = _prompt_and_stack()
+    sequences, scores = _scores(reft_model, ids, mask)
+    with reft_model.disable_interventions():
+        _, base = _scores(reft_model, ids, mask)
+    assert not torch.allclose(scores, base)  # the interventions matter
+    chunked_sequences, chunked = _scores(reft_model, ids, mask, prefill_chunk_size=3)
+    assert torch.equal(sequences, chunked_sequences)
+    # float64: chunking changes only the order of a few sums (errors ~1e-15 relative)
+    torch.testing.assert_close(chunked, scores, rtol=1e-9, atol=1e-9)
+
+
+def test_generate_continues_a_cache_filled_by_a_forward_call():
+    """A cache already holding the first 4 prompt tokens: the cursor starts at 4, 'l1' is still token 6."""
+    from transformers import DynamicCache
+
+    reft_model, ids, mask = _prompt_and_stack()
+    sequences, scores = _scores(reft_model, ids, mask)
+    cache = DynamicCache(config=reft_model.model.config)
+    # transformers >= 5.25 names the argument ``cache``, older releases ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(type(reft_model.model).forward).parameters else "past_key_values"
+    with torch.no_grad():  # the every-position offsets act on the 4 tokens, 'l1' (token 6) is not among them
+        reft_model(input_ids=ids[:, :4], attention_mask=mask[:, :4], use_cache=True,
+                   unit_locations={"layer_1_block_output": [[-1]]}, **{name: cache})
+    assert cache.get_seq_length() == 4
+    continued_sequences, continued = _scores(reft_model, ids, mask, **{name: cache})
+    assert torch.equal(sequences, continued_sequences)
+    torch.testing.assert_close(continued, scores, rtol=1e-9, atol=1e-9)

@@ -232,3 +232,37 @@ def test_each_method_reads_its_own_pyreft_state():
         reftlib.HeadBiasIntervention.from_pyreft_state(state, "intkey_x.bin")
     with pytest.raises(CheckpointError, match="lacks tensor 'learned_source'"):
         reftlib.ConsreftIntervention.from_pyreft_state({"rotate_layer": rotation}, "intkey_x.bin")
+
+
+def test_copied_interventions_keep_the_post_step_hook():
+    """A second model's copy of an instance (and a deepcopy) is retracted after optimizer steps like the original."""
+    from reftlib.interventions.rotation import INIT_COLUMN_NORM
+
+    iv = reftlib.LoreftIntervention(low_rank_dimension=2)
+    config = ReftConfig({"layer": 1, "component": "block_output", "intervention": iv})
+    reftlib.get_reft_model(tiny_model("llama"), config)
+    second = reftlib.get_reft_model(tiny_model("llama"), config)
+    copy = second.interventions["layer_1_block_output"]
+    optimizer = torch.optim.SGD(copy.parameters(), lr=5.0)  # a large step: columns leave length 1/2 unless retracted
+    optimizer.zero_grad()
+    second(input_ids=IDS).logits.square().mean().backward()
+    optimizer.step()
+    norms = copy.rotate_layer.raw.detach().norm(dim=0)
+    torch.testing.assert_close(norms, torch.full_like(norms, INIT_COLUMN_NORM), rtol=1e-5, atol=0)
+
+
+def test_add_adapter_with_a_list_leaves_the_callers_representations_alone():
+    rep = reftlib.RepresentationConfig(layer=1, component="block_output",
+                                       intervention=reftlib.LoreftIntervention(low_rank_dimension=2))
+    first = reftlib.ReftModel(tiny_model("llama"), [rep])
+    second = reftlib.ReftModel(tiny_model("llama"), [rep])
+    assert rep.name is None and not rep.bound
+    own = first.reft_configs["default"].representations[0]
+    assert own is not rep and own.intervention is first.interventions["layer_1_block_output"]
+    assert second.interventions["layer_1_block_output"] is not own.intervention
+
+
+def test_merge_refuses_an_adapter_named_twice():
+    reft_model = _lofit_stack()
+    with pytest.raises(reftlib.AdapterError, match="twice"):
+        reft_model.merge_and_unload(["default", "default"])

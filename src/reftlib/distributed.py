@@ -217,8 +217,12 @@ def check_trainer_fsdp(fsdp_plugin: Any) -> None:
     unit's parameters into one tensor, so a unit holding frozen base weights and trainable
     interventions needs ``use_orig_params`` and still handles them badly.
 
+    Checkpoints need ``state_dict_type`` ``FULL_STATE_DICT``: with accelerate's default for FSDP2,
+    ``SHARDED_STATE_DICT``, the Trainer never calls the save that writes reftlib's folder, so the
+    checkpoints would hold no interventions and could not be resumed.
+
     Raises:
-        ReftConfigError: FSDP1.
+        ReftConfigError: FSDP1, or a state dict type other than ``FULL_STATE_DICT``.
     """
     version = getattr(fsdp_plugin, "fsdp_version", 1)
     if version != 2:
@@ -226,4 +230,12 @@ def check_trainer_fsdp(fsdp_plugin: Any) -> None:
             f"reftlib trainers support FSDP2 only, got FSDP version {version}: set "
             "TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}) (FSDP1 handles frozen base weights "
             "and trainable interventions in one unit badly), or use DDP (torchrun without fsdp)"
+        )
+    kind = getattr(fsdp_plugin, "state_dict_type", None)
+    name = getattr(kind, "name", kind)
+    if name is not None and str(name).rsplit(".", 1)[-1].upper() != "FULL_STATE_DICT":
+        raise ReftConfigError(
+            f"FSDP state_dict_type is {name}, but reftlib's checkpoints are written from the full state dict: set "
+            "fsdp_config={'version': 2, 'state_dict_type': 'FULL_STATE_DICT'} (accelerate config: "
+            "fsdp_state_dict_type: FULL_STATE_DICT); only the intervention weights are written"
         )

@@ -53,12 +53,19 @@ class CallContext:
         self.chunks_seen = 0
         self._cache: dict[tuple, Any] = {}
 
-    def begin_chunk(self, length: int, has_cache: bool) -> None:
-        """Record which absolute positions the current forward covers (KV-cache aware)."""
-        if self.chunks_seen == 0:
-            start = self.plan.initial_offset
-        elif not has_cache:
-            start = 0  # no cache: every step re-reads the whole sequence
+    def begin_chunk(self, length: int, has_cache: bool, cached: int | None = None) -> None:
+        """Record which positions the current forward covers, relative to the plan's positions.
+
+        ``cached`` is the number of tokens the KV cache already holds (read from the cache by the
+        runtime): the forward covers ``cached .. cached + length`` of the sequence, which the plan
+        indexes from ``plan.initial_offset``. Without that number, chunks are counted: the first at
+        ``initial_offset``, then each after the previous one, or from 0 again without a cache (every
+        step re-reads the whole sequence).
+        """
+        if cached is not None:
+            start = cached - self.plan.initial_offset
+        elif self.chunks_seen == 0 or not has_cache:
+            start = 0
         else:
             start = self.next_start
         self.chunk_start, self.chunk_length, self.next_start = start, length, start + length
@@ -74,20 +81,20 @@ class CallContext:
         return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
 
     def device_positions(
-        self, key: str, device: torch.device, batch: int, start: int
+        self, key: str, device: torch.device, batch: int, start: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(row_index, position_index, valid_mask)`` on ``device`` for the current chunk.
+        """``(row_index, position_index, valid_mask)`` on ``device`` for the chunk ``start .. start + length``.
 
-        ``valid_mask`` is ``None`` when every entry is a real position (decided on the CPU, so
-        without a device synchronization), which lets the edit skip masking. Computed once per
-        call, key, device and chunk start.
+        Positions outside the chunk (in an earlier or a later chunk of a prompt prefilled in pieces)
+        are masked. ``valid_mask`` is ``None`` when every entry is a real position of this chunk
+        (decided on the CPU, so without a device synchronization), which lets the edit skip masking.
+        Computed once per call, key, device and chunk.
         """
-        cache_key = ("pos", key, device, batch, start)
+        cache_key = ("pos", key, device, batch, start, length)
         hit = self._cache.get(cache_key)
         if hit is None:
             pos = self._expand_rows(self.plan.positions[key], batch)
-            if start:
-                pos = torch.where(pos >= start, pos - start, -1)
+            pos = torch.where((pos >= start) & (pos < start + length), pos - start, -1)
             valid = pos >= 0
             all_valid = bool(valid.all())  # a CPU tensor: no device synchronization
             pos = to_device(pos.clamp(min=0), device)
@@ -265,7 +272,7 @@ class SiteHook:
             if plan.positions.get(key) is None:
                 h = apply_on_range(h, intervention, 0, min(prompt_length - start, length), row_mask)
             else:
-                rows, pos, valid = context.device_positions(key, h.device, batch, start)
+                rows, pos, valid = context.device_positions(key, h.device, batch, start, length)
                 h = apply_at_positions(h, intervention, rows, pos, valid, row_mask)
         if plan.on_generated and start + length > prompt_length and (
             plan.generated_keys is None or key in plan.generated_keys

@@ -175,6 +175,8 @@ def merge_and_unload(reft_model: ReftModel, adapter_names: Sequence[str] | None 
     for name in names:
         if not isinstance(name, str) or name not in reft_model.adapters:
             raise AdapterError(f"unknown adapter {name!r}; this model has adapters {reft_model.adapter_names}")
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapter_names {names} names an adapter twice; each adapter is folded once")
     plan = _plan(reft_model, names)
     created = [path for path, (module, interventions) in plan.items() if _fold(module, interventions)]
     model = reft_model.detach()

@@ -26,7 +26,7 @@ from .io import load_adapter_into, load_reft_model, save_reft_model
 from .io import push_to_hub as _push_to_hub
 from .merge import merge_and_unload as _fold_and_unload
 from .plan import GENERATION_MODES, AdapterSpecs, CallPlan, build_plan
-from .runtime import HFRuntime
+from .runtime import HFRuntime, cached_length
 
 _GENERATION_MODES = GENERATION_MODES  # old private name, kept for code written against 0.1
 
@@ -119,7 +119,7 @@ class ReftModel(nn.Module):
         _check_config(config, "add_adapter")
         # The model works on its own copy: nothing is written back into the caller's config, and an
         # intervention instance already owned by another model is replaced by a fresh one (no shared parameters).
-        config = config.copy() if isinstance(config, ReftConfig) else ReftConfig(representations=config)
+        config = (config if isinstance(config, ReftConfig) else ReftConfig(representations=config)).copy()
         reps = config.representations
         sites = [resolve_site(self.model, rep.layer, rep.component) for rep in reps]
         probes = self.runtime.probe(sites)
@@ -224,6 +224,7 @@ class ReftModel(nn.Module):
         adapter_names: Sequence[str | Sequence[str] | None] | None = None,
         mode: str | None = None,
         check_finite: bool = False,
+        initial_offset: int = 0,
     ) -> CallPlan:
         """The :class:`~reftlib.plan.CallPlan` of one call over inputs with this ``attention_mask``.
 
@@ -232,7 +233,7 @@ class ReftModel(nn.Module):
         """
         return build_plan(self.adapter_specs, self._active, attention_mask, unit_locations=unit_locations,
                           intervention_locations=intervention_locations, adapter_names=adapter_names,
-                          mode=mode, check_finite=check_finite)
+                          mode=mode, check_finite=check_finite, initial_offset=initial_offset)
 
     @contextlib.contextmanager
     def disable_interventions(self) -> Iterator[None]:
@@ -276,12 +277,12 @@ class ReftModel(nn.Module):
             inputs["labels"] = labels
         attention_mask = attention_mask_of(inputs)
         cache = inputs.get("cache", inputs.get("past_key_values"))
-        cached = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        cached = cached_length(cache) or 0
         check_length(self.model, input_length(inputs) + int(cached), "the input")
         # Positions index the input_ids of this call (also when a KV cache holds earlier tokens).
         plan = self.plan_call(attention_mask[:, -input_length(inputs):], unit_locations=unit_locations,
                               intervention_locations=intervention_locations, adapter_names=adapter_names,
-                              check_finite=check_finite)
+                              check_finite=check_finite, initial_offset=int(cached))
         original = None
         if output_original_output:
             with torch.no_grad(), self.disable_interventions():

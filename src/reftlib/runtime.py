@@ -55,6 +55,23 @@ def is_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
+def cached_length(cache: Any) -> int | None:
+    """How many tokens a KV cache holds (what ``generate`` itself reads), or ``None`` when unknown."""
+    if cache is None:
+        return 0
+    get_seq_length = getattr(cache, "get_seq_length", None)
+    if callable(get_seq_length):
+        return int(get_seq_length())
+    if isinstance(cache, (tuple, list)):  # the legacy format: per layer (key, value) of [batch, heads, seq, dim]
+        if not cache:
+            return 0
+        first = cache[0]
+        key = first[0] if isinstance(first, (tuple, list)) and first else None
+        if isinstance(key, torch.Tensor) and key.dim() >= 2:
+            return int(key.shape[-2])
+    return None
+
+
 class HFRuntime:
     """Runs :class:`~reftlib.plan.CallPlan` s on one Hugging Face model through hooks."""
 
@@ -149,8 +166,10 @@ class HFRuntime:
         if ids is None:
             return
         # transformers ≥ 5.25 names the KV cache argument ``cache`` (``past_key_values`` before).
-        has_cache = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-        context.begin_chunk(ids.shape[1], has_cache)
+        cache = kwargs.get("cache")
+        if cache is None:
+            cache = kwargs.get("past_key_values")
+        context.begin_chunk(ids.shape[1], cache is not None, cached_length(cache))
 
     # ------------------------------------------------------------------ checkpointing
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:

@@ -197,6 +197,11 @@ class Intervention(nn.Module):
         self._claimed = True
         return True
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Copies and unpickled instances get the post-optimizer-step hook too (``__init__`` does not run)."""
+        super().__setstate__(state)
+        track(self)
+
     def clone(self) -> Intervention:
         """A deep copy (same values, new parameters) that no model owns yet."""
         twin = copy.deepcopy(self)

@@ -53,6 +53,11 @@ class OrthonormalRows(nn.Module):
         self._cache: tuple[tuple, torch.Tensor] | None = None
         track(self)
 
+    def __setstate__(self, state: dict) -> None:
+        """Copies (``copy.deepcopy``, ``Intervention.clone``) are retracted after optimizer steps too."""
+        super().__setstate__(state)
+        track(self)
+
     @property
     def weight(self) -> torch.Tensor:
         """The orthonormalized ``[r, d]`` matrix R, in fp32."""

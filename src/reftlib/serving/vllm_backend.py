@@ -125,6 +125,10 @@ class ReftWorkerExtension:
             raise AdapterError(f"adapters {clash} are already loaded in this engine; choose other names")
         model = runner.get_model()
         stack = model.model
+        device = next(model.parameters()).device  # adapters are built on the CPU: move them next to the model
+        for adapter in built.values():
+            for served in adapter.interventions:
+                served.intervention.to(device)
         if not self._reft_handles:
             # On the top-level model: the decoder stack's own __call__ is replaced by vLLM's
             # torch.compile support, which bypasses module hooks on it (not on its layers).
