@@ -9,6 +9,7 @@ tie, and the base model's agreement (checked first) shows the prompts and length
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -65,7 +66,10 @@ def setup(tmp_path_factory):
     engine = ReftLLM(default_model_path(), adapters={"default": folder, "fl": folder, "lofit": folder},
                      dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
                      seed=0)
-    return engine, tokenizer, prompts, reft_model
+    yield engine, tokenizer, prompts, reft_model
+    # vLLM shuts its engine process down from an atexit hook that logs to streams pytest has closed
+    # by then; those messages would print "--- Logging error ---" tracebacks after the summary.
+    logging.raiseExceptions = False
 
 
 def _hf_tokens(reft_model, tokenizer, prompt: list[int], adapter: str | None) -> list[int]:
