@@ -35,3 +35,37 @@ def make_intervention(component: str, rank: int = 2):
     if component == "head_output":
         return reftlib.HeadBiasIntervention(heads=[0, 2])
     return reftlib.LoreftIntervention(low_rank_dimension=rank)
+
+
+def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> dict[int, dict]:
+    """Run ``script out`` under torchrun on ``nproc`` local gloo processes; the ``rank*.json`` reports by rank.
+
+    The script writes one ``rank<r>.json`` (with ``rank`` and ``world_size``) into ``out``.
+    """
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out),
+    ]
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"torchrun timed out:\n{exc.stdout}\n{exc.stderr}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in Path(out).glob("rank*.json"))}
+    assert set(ranks) == set(range(nproc)) and all(r["world_size"] == nproc for r in ranks.values())
+    return ranks

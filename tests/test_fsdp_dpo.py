@@ -8,10 +8,6 @@ must be the base model's.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +23,7 @@ SCRIPT = HERE / "fsdp_dpo_train.py"
 sys.path.insert(0, str(HERE))
 import fsdp_dpo_train  # noqa: E402
 import fsdp_train  # noqa: E402
+from helpers import run_torchrun  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
 VOCAB_SUM = 128  # the widest reduction of the DPO log-probs: the log-sum-exp over the tiny vocabulary
@@ -36,30 +33,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """Run the script under torchrun once; the output folder and the per-rank reports."""
     out = tmp_path_factory.mktemp("fsdp_dpo")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(out),
-    ]
-    try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"torchrun timed out:\n{exc.stdout}\n{exc.stderr}")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in out.glob("rank*.json"))}
-    assert set(ranks) == {0, 1} and all(r["world_size"] == 2 for r in ranks.values())
-    return out, ranks
+    return out, run_torchrun(SCRIPT, out)
 
 
 @pytest.fixture(scope="module")
