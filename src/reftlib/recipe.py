@@ -24,22 +24,22 @@ Errors in the files or settings are :class:`~reftlib.errors.ReftConfigError`.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ReftConfigError, ReftError
-from .train_config import DATA_SUFFIXES, DEFAULT_MODEL_ALIASES, TrainConfig, parse_train_config
+from .offline import load_model
+from .train_config import DATA_SUFFIXES, TrainConfig, parse_train_config
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    pass
 
 __all__ = [
     "TRAIN_RECORD_NAME",
@@ -208,63 +208,6 @@ def read_examples(config: TrainConfig) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- models
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide transformers' weight-loading progress bars (the Trainer's own bar is unaffected)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def load_model(model: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``(model, tokenizer)`` for ``"default"`` (offline SmolLM2) or a local folder; never downloads.
-
-    The tokenizer pads on the left (as batched generation needs; the training collator pads on
-    its own) and has a pad token (its EOS token when it defines none).
-    """
-    if model in DEFAULT_MODEL_ALIASES:
-        from .offline import load_default_model
-
-        with _quiet_loading():
-            loaded, tokenizer = load_default_model(dtype=_torch_dtype(dtype))
-        return loaded, tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model)
-    if not path.is_dir():
-        raise ReftConfigError(f"model {model!r} is not a local folder; use 'default' or a folder written by "
-                              "save_pretrained (the CLI never downloads)")
-    try:
-        with _quiet_loading():
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dtype), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ReftConfigError(f"cannot load a causal language model from {path}: {exc}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ReftConfigError(f"cannot load the tokenizer from {path} ({exc}); save one there with "
-                              "tokenizer.save_pretrained") from None
-    loaded.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(loaded, "generation_config", None) is not None and tokenizer.pad_token_id is not None:
-        loaded.generation_config.pad_token_id = tokenizer.pad_token_id
-    return loaded, tokenizer
-
-
 def resolve_chat_template(requested: bool | None, tokenizer: Any, *, where: str = "chat_template") -> bool:
     """Whether to wrap prompts with the tokenizer's chat template: ``requested``, or (None) whether it has one.
 

@@ -27,6 +27,7 @@ from typing import Any
 from .config import COMPONENTS, ReftConfig
 from .errors import ReftConfigError, ReftError
 from .interventions import intervention_class, registered_interventions
+from .offline import DEFAULT_MODEL_ALIASES
 from .positions import parse_position_spec, split_position_spec
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 #: ``model`` values meaning the offline SmolLM2-135M-Instruct of :mod:`reftlib.offline`.
-DEFAULT_MODEL_ALIASES = ("default", "smollm2")
 
 #: Model dtypes a config (and ``reftlib generate --dtype``) may name.
 DTYPES = ("float32", "bfloat16", "float16")

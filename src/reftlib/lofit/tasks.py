@@ -34,6 +34,7 @@ from torch import nn
 
 from ..atomic import atomic_write_bytes
 from ..errors import MissingDependencyError, ReftConfigError
+from ..offline import load_model
 from .offsets import tune_offsets
 from .selection import HeadSelection, count_heads, select_heads
 from .task_data import evaluate_task, get_task_spec, load_task_data
@@ -101,8 +102,6 @@ def _load(model: Any, tokenizer: Any, dtype: str, device: str) -> tuple[nn.Modul
             raise ReftConfigError("a model instance needs its tokenizer: pass tokenizer=")
         name = getattr(model.config, "_name_or_path", None) or type(model).__name__
     else:
-        from ..recipe import load_model
-
         name = "default" if model is None else os.fspath(model)
         model, loaded_tokenizer = load_model(name, DTYPE_ALIASES[dtype])
         tokenizer = tokenizer or loaded_tokenizer
