@@ -1,10 +1,19 @@
-"""Serving saved adapters on vLLM gives the tokens reftlib's Hugging Face ``generate`` gives.
+"""Serving saved adapters on vLLM computes what reftlib's Hugging Face model computes.
 
 Runs only where vLLM is installed (``make test-vllm`` builds ``.venv-vllm`` with the CPU build).
-One engine serves every test (start-up takes about a minute). Both sides run the same float32
-weights greedily; the reference is ``ReftModel.generate`` on the Hugging Face model. Tokens are
-compared exactly: greedy decoding turns last-bit differences into different tokens only at a near
-tie, and the base model's agreement (checked first) shows the prompts and lengths have none.
+One engine serves every test (start-up takes about a minute). vLLM decodes greedily in float32;
+the reference is reftlib's Hugging Face model with the same adapters in float64, fed vLLM's tokens
+(teacher forcing through ``generate``, so positions such as "l1" stay relative to the prompt).
+
+What is compared, and why not the tokens alone: two float32 engines order their reductions
+differently (blocked GEMMs, fused attention), so at a near tie between two tokens greedy decoding
+may pick either, and such ties are common in the strongly steered text these adapters produce.
+So each step checks (1) vLLM's token is greedy under the float64 reference up to ``TOLERANCE``
+nats, and (2) vLLM's log-probability of that token is within ``TOLERANCE`` of the reference's.
+The tolerance is set by what the test must tell apart rather than by one machine's rounding:
+every adapter row must move the log-probabilities of vLLM's tokens by at least
+``SEPARATION * TOLERANCE`` nats from the base model's, so a row served without its adapter, or
+with another row's, cannot pass. Failures name the row and the size of the difference.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from reftlib.serving import ReftLLM, cache_salt  # noqa: E402
 pytestmark = pytest.mark.slow
 
 MAX_NEW = 12
+TOLERANCE = 1e-2  # nats; float32 rounding over 30 layers is orders of magnitude below this
+SEPARATION = 10  # each adapter moves vLLM's tokens' log-probabilities by at least this many tolerances
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -31,10 +42,19 @@ QUESTIONS = [
     "How do I boil an egg?",
 ]
 
+LONG_REQUEST = (
+    "A lighthouse keeper on a small northern island writes a letter every evening to his sister, who "
+    "lives in a busy city far to the south. He describes the weather, the ships that pass, the birds "
+    "that nest on the cliffs and the repairs he makes to the lamp. She answers once a month with news "
+    "of the markets, the trains, her children and the theatre. After ten years the lighthouse is "
+    "automated and he must leave the island. Write the first paragraph of the letter he sends on his "
+    "last evening there, and say in one sentence how his sister might reply."
+)
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """``(engine, tokenizer, prompts as token ids, HF ReftModel with the same adapters, adapter folder)``."""
+    """``(engine, tokenizer, prompts as token ids, float64 HF ReftModel with the same adapters)``."""
     from reftlib.offline import default_model_path, load_default_model
 
     model, tokenizer = load_default_model(dtype=torch.float32)
@@ -55,9 +75,12 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # strong LoFiT offsets, so the steered text differs from the base text
         for name, param in reft_model.adapters["lofit"].named_parameters():
             param.mul_(8.0 if name.endswith("bias") else 1.0)
-    reft_model.eval()
     folder = tmp_path_factory.mktemp("adapters")
     reft_model.save_pretrained(folder)
+    del reft_model, model
+    reference = reftlib.ReftModel.from_pretrained(folder, load_default_model(dtype=torch.float64)[0])
+    assert sorted(reference.adapters) == ["default", "fl", "lofit"]
+    reference.eval()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
                                              add_generation_prompt=True, return_dict=False)
                for q in QUESTIONS]
@@ -66,52 +89,75 @@ def setup(tmp_path_factory):
     engine = ReftLLM(default_model_path(), adapters={"default": folder, "fl": folder, "lofit": folder},
                      dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
                      seed=0)
-    yield engine, tokenizer, prompts, reft_model
+    yield engine, tokenizer, prompts, reference
     # vLLM shuts its engine process down from an atexit hook that logs to streams pytest has closed
     # by then; those messages would print "--- Logging error ---" tracebacks after the summary.
     logging.raiseExceptions = False
 
 
-def _hf_tokens(reft_model, tokenizer, prompt: list[int], adapter: str | None) -> list[int]:
-    """Greedy tokens of reftlib's Hugging Face ``generate`` (one unpadded row), cut after the first EOS."""
+class _ForceTokens:
+    """A logits processor that makes ``generate`` emit ``tokens`` (teacher forcing with the KV cache)."""
+
+    def __init__(self, prompt_length: int, tokens: list[int]):
+        self.prompt_length, self.tokens = prompt_length, tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt_length]] = 0.0
+        return forced
+
+
+def _reference_logprobs(reference, prompt: list[int], adapter: str | None, tokens: list[int]) -> torch.Tensor:
+    """``(len(tokens), vocab)`` float64 log-probabilities of each step of ``generate`` fed ``tokens``."""
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor([prompt])
-    out = reft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[adapter],
-                              max_new_tokens=MAX_NEW, do_sample=False)
-    new = out[0, len(prompt):].tolist()
-    eos = tokenizer.eos_token_id
-    return new[: new.index(eos) + 1] if eos in new else new
+    out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=[adapter],
+                             max_new_tokens=len(tokens), min_new_tokens=len(tokens), do_sample=False,
+                             logits_processor=LogitsProcessorList([_ForceTokens(len(prompt), tokens)]),
+                             output_logits=True, return_dict_in_generate=True)
+    return torch.log_softmax(torch.stack([step[0] for step in out.logits]).double(), dim=-1)
 
 
-def _vllm_tokens(engine, prompts, adapters) -> list[list[int]]:
-    params = vllm.SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
-    outs = engine.generate(prompts, params, adapters=adapters)
-    return [list(o.outputs[0].token_ids) for o in outs]
+def _check_served(setup, rows: list[tuple[list[int], str | None]]) -> None:
+    """Serve ``rows`` (prompt, adapter) as one batch and check every row against the reference."""
+    engine, _, _, reference = setup
+    params = vllm.SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=1)
+    outs = engine.generate([p for p, _ in rows], params, adapters=[a for _, a in rows])
+    for row, ((prompt, adapter), out) in enumerate(zip(rows, outs)):
+        tokens = list(out.outputs[0].token_ids)
+        served = torch.tensor([step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)],
+                              dtype=torch.float64)
+        steps, chosen = torch.arange(len(tokens)), torch.tensor(tokens)
+        want = _reference_logprobs(reference, prompt, adapter, tokens)
+        greedy_gap = (want.max(dim=-1).values - want[steps, chosen]).max().item()
+        error = (served - want[steps, chosen]).abs().max().item()
+        where = f"row {row} (adapter {adapter!r}, tokens {tokens})"
+        assert greedy_gap <= TOLERANCE, f"{where}: a token {greedy_gap:.3g} nats below the greedy choice"
+        assert error <= TOLERANCE, f"{where}: log-probabilities {error:.3g} nats from the reference"
+        if adapter is not None:
+            base = _reference_logprobs(reference, prompt, None, tokens)
+            moved = (base[steps, chosen] - want[steps, chosen]).abs().max().item()
+            assert moved >= SEPARATION * TOLERANCE, f"{where}: the adapter moves only {moved:.3g} nats"
 
 
 def test_base_model_matches_hf(setup):
-    engine, tokenizer, prompts, reft_model = setup
-    got = _vllm_tokens(engine, prompts, [None] * len(prompts))
-    assert got == [_hf_tokens(reft_model, tokenizer, p, None) for p in prompts]
+    prompts = setup[2]
+    _check_served(setup, [(p, None) for p in prompts])
 
 
 @pytest.mark.parametrize("adapter", ["default", "fl", "lofit"])
 def test_adapter_matches_hf(setup, adapter):
     """LoReFT at "l1", LoReFT at "f2+l2" on two layers, LoFiT head offsets (every position)."""
-    engine, tokenizer, prompts, reft_model = setup
-    got = _vllm_tokens(engine, prompts, [adapter] * len(prompts))
-    want = [_hf_tokens(reft_model, tokenizer, p, adapter) for p in prompts]
-    base = [_hf_tokens(reft_model, tokenizer, p, None) for p in prompts]
-    assert want != base, "the adapter does not change the text; the test would prove nothing"
-    assert got == want
+    prompts = setup[2]
+    _check_served(setup, [(p, adapter) for p in prompts])
 
 
 def test_mixed_batch_matches_hf(setup):
     """Adapters and base rows share one continuous batch; each row gets its own adapter's tokens."""
-    engine, tokenizer, prompts, reft_model = setup
-    rows = [(prompts[0], "default"), (prompts[1], None), (prompts[2], "lofit"), (prompts[3], "fl"),
-            (prompts[0], None), (prompts[1], "lofit"), (prompts[2], "default"), (prompts[3], None)]
-    got = _vllm_tokens(engine, [p for p, _ in rows], [a for _, a in rows])
-    assert got == [_hf_tokens(reft_model, tokenizer, p, a) for p, a in rows]
+    prompts = setup[2]
+    _check_served(setup, [(prompts[0], "default"), (prompts[1], None), (prompts[2], "lofit"), (prompts[3], "fl"),
+                          (prompts[0], None), (prompts[1], "lofit"), (prompts[2], "default"), (prompts[3], None)])
 
 
 def test_chunked_prefill_and_prefix_cache(setup):
@@ -119,16 +165,18 @@ def test_chunked_prefill_and_prefix_cache(setup):
     to the prefix cache: each adapter still gets its own tokens ("l1" on the last prompt token, LoFiT on
     every token), run one after the other on the same prompt, the base model first. Without
     per-adapter cache salts the adapters would reuse the base model's cached blocks."""
-    engine, tokenizer, prompts, reft_model = setup
+    engine, tokenizer, _, _ = setup
     config = engine.llm.llm_engine.vllm_config
     budget = config.scheduler_config.max_num_batched_tokens
-    long_prompt = (prompts[0] * ((240 // len(prompts[0])) + 1))[: 240 - MAX_NEW]
+    long_prompt = tokenizer.apply_chat_template([{"role": "user", "content": LONG_REQUEST}], tokenize=True,
+                                                add_generation_prompt=True, return_dict=False)
+    long_prompt = list(long_prompt["input_ids"]) if isinstance(long_prompt, dict) else list(long_prompt)
+    assert len(long_prompt) + MAX_NEW <= config.model_config.max_model_len
     assert len(long_prompt) > budget, "the prompt must not fit in one step"
     assert config.cache_config.enable_prefix_caching
     assert config.cache_config.block_size <= len(long_prompt) // 2, "the prompt must fill a cached block"
     for adapter in (None, "lofit", "fl", "default", None):
-        want = _hf_tokens(reft_model, tokenizer, long_prompt, adapter)
-        assert _vllm_tokens(engine, [long_prompt], [adapter]) == [want], adapter
+        _check_served(setup, [(long_prompt, adapter)])
 
 
 def test_cache_salt_separates_adapters_and_prompt_lengths(setup):
