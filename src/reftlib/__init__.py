@@ -23,6 +23,7 @@ from .errors import (
     PositionError,
     ReftConfigError,
     ReftError,
+    RequestRefusedError,
 )
 from .interventions import (
     ConsreftIntervention,
@@ -114,6 +115,7 @@ __all__ = [
     "ReftTrainerForCausalLM",
     "ReftTrainerForSequenceClassification",
     "RepresentationConfig",
+    "RequestRefusedError",
     "SteeringVectorIntervention",
     "apply_chat_template",
     "collect_activations",

@@ -1,11 +1,12 @@
 """The ``reftlib`` command line: train interventions from a config file, generate with them, inspect them.
 
-Four commands (``reftlib COMMAND --help`` explains each)::
+Five commands (``reftlib COMMAND --help`` explains each)::
 
     reftlib train CONFIG.yaml                     # train and save_pretrained into training.output_dir
     reftlib generate FOLDER --prompt "Hi" --compare
     reftlib info FOLDER
     reftlib lofit truthfulqa|clutrr|mquake        # LoFiT end to end: heads -> offsets -> evaluation
+    reftlib serve MODEL --adapter NAME=FOLDER     # vLLM's OpenAI-compatible server, adapters by model name
 
 ``python -m reftlib`` is the same program. Exit status: 0 on success, 2 for usage and
 configuration errors (the :class:`~reftlib.errors.ReftError` message is printed, without a
@@ -18,7 +19,8 @@ work is done by library modules that Python code can use directly:
 * :mod:`reftlib.recipe`: reading config and data files, loading models, ``train_from_config``;
 * :mod:`reftlib.generation`: tokenizing prompts as training does, ``generate_texts``;
 * :mod:`reftlib.io`: reading saved folders (for ``reftlib info``);
-* :mod:`reftlib.lofit.tasks`: ``run_lofit_task``, one LoFiT task end to end (for ``reftlib lofit``).
+* :mod:`reftlib.lofit.tasks`: ``run_lofit_task``, one LoFiT task end to end (for ``reftlib lofit``);
+* :mod:`reftlib.serving.server`: ``serve``, the OpenAI-compatible server (for ``reftlib serve``).
 
 ``reftlib train --help`` lists every config key with its default. The names that lived here
 before (``reftlib.cli.parse_train_config``, ``reftlib.cli.generate_texts``, ...) still work for one
@@ -331,6 +333,23 @@ def _percent(metric: Mapping[str, Any]) -> str:
     return f"{100 * metric['value']:.1f}%{err}"
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serving.server import parse_adapter_specs, serve  # vLLM is optional: imported when serving
+
+    serve(args.model, parse_adapter_specs(args.adapter or []), args.vllm_args)
+    return 0
+
+
+_SERVE_EPILOG = """\
+examples:
+  reftlib serve path/to/SmolLM2-135M-Instruct --adapter emoji=runs/emoji --dtype float32 --port 8000
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "emoji", "messages": [{"role": "user", "content": "Hi!"}]}'
+
+Any other option is vLLM's (`vllm serve --help`); reftlib sets --enforce-eager and the worker
+extension itself. Needs vLLM (see docs/serving.md).
+"""
+
 _LOFIT_EPILOG = """\
 The three steps of LoFiT's train_script_{task}.sh in one command: (1) learn a scale on every
 attention head with an L1 penalty and keep the top heads, (2) learn an offset on each kept head,
@@ -443,7 +462,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``reftlib`` argument parser (subcommands ``train``, ``generate``, ``info``, ``lofit``)."""
+    """The ``reftlib`` argument parser (subcommands ``train``, ``generate``, ``info``, ``lofit``, ``serve``)."""
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Formatter, epilog=_MAIN_EPILOG,
         description="Train and use representation interventions (ReFT, LoFiT) on Hugging Face models.\n"
@@ -547,6 +566,17 @@ def build_parser() -> argparse.ArgumentParser:
     lofit.add_argument("--json", action="store_true", help="print the results as JSON")
     lofit.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     lofit.set_defaults(handler=_cmd_lofit)
+
+    served = commands.add_parser(
+        "serve", formatter_class=_Formatter, epilog=_SERVE_EPILOG,
+        help="serve a model and saved adapters with vLLM's OpenAI-compatible server",
+        description="Start vLLM's OpenAI-compatible server for MODEL with saved adapters; a client picks an\n"
+                    "adapter with model=NAME (model=MODEL, or its --served-model-name, is the base model).",
+    )
+    served.add_argument("model", metavar="MODEL", help="the base model: a local folder or a Hub id vLLM can load")
+    served.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
+                        help="serve the adapter saved in FOLDER under NAME (repeatable)")
+    served.set_defaults(handler=_cmd_serve, vllm_args=[])
     return parser
 
 
@@ -554,7 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``reftlib`` command line and return its exit status (0, 1 or 2; see the module docs)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and getattr(args, "command", None) == "serve":
+            args.vllm_args = unknown  # vLLM's own server options
+        elif unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "handler", None) is None:

@@ -22,6 +22,7 @@ __all__ = [
     "PrefixUnavailable",
     "ReftConfigError",
     "ReftError",
+    "RequestRefusedError",
 ]
 
 
@@ -51,6 +52,14 @@ class PositionError(ReftError, ValueError):
 
 class InputError(ReftError, ValueError):
     """Model inputs (token ids, masks, batch) are unusable."""
+
+
+class RequestRefusedError(InputError):
+    """A served request the server answers with an HTTP error itself (an unknown model name, say)."""
+
+    def __init__(self, status: int, message: str, error_type: str):
+        super().__init__(message)
+        self.status, self.error_type = status, error_type
 
 
 class DeviceError(ReftError, RuntimeError):

@@ -18,14 +18,18 @@ does.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterError, InputError, ReftError
-from .adapters import SERVED_COMPONENTS, SERVED_MODEL_TYPES, ServedAdapter, load_served_adapter
+from .adapters import (
+    SERVED_COMPONENTS,
+    SERVED_MODEL_TYPES,
+    ServedAdapter,
+    load_served_adapter,
+    read_model_config,
+)
 from .vllm_backend import ADAPTER_ARG, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version
 
 __all__ = [
@@ -86,7 +90,7 @@ class ReftLLM:
         for key in ("tensor_parallel_size", "pipeline_parallel_size"):
             if llm_kwargs.get(key, 1) != 1:
                 raise ReftError(f"ReftLLM serves adapters with {key}=1 only, got {llm_kwargs[key]}")
-        self.model_config = _read_model_config(model)
+        self.model_config = read_model_config(model)
         self.adapters: dict[str, ServedAdapter] = {
             name: load_served_adapter(name, folder, self.model_config) for name, folder in (adapters or {}).items()
         }
@@ -150,14 +154,3 @@ class ReftLLM:
             params.append(one)
         return self.llm.generate(requests, params, use_tqdm=use_tqdm)
 
-
-def _read_model_config(model: str | os.PathLike) -> dict[str, Any]:
-    """The base model's ``config.json`` as a dict (a local folder, or a Hub id through transformers)."""
-    path = Path(model) / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model))
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return config.to_dict()

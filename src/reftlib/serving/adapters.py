@@ -13,6 +13,7 @@ This module does not import vLLM; :mod:`reftlib.serving.vllm_backend` does.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -187,3 +188,22 @@ def flat_edit_indices(plan: CallPlan, key: str, start: int, count: int, prompt_l
     wanted = pos[pos >= 0]
     wanted = wanted[(wanted >= start) & (wanted < start + count) & (wanted < prompt_length)]
     return (wanted - start) if wanted.numel() else None
+
+
+def read_model_config(model: str | os.PathLike) -> dict[str, Any]:
+    """The base model's ``config.json`` as a dict (a local folder, or a Hub id through transformers)."""
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
+        raise CheckpointError(f"{str(model)!r} is not a model folder (no config.json there); give the folder of a "
+                              "Hugging Face model or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the config of model {str(model)!r} ({exc}); give a local model folder "
+                              "or a Hub id that is cached or reachable") from exc
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.to_dict()

@@ -49,14 +49,15 @@ is sharded by heads under tensor parallelism), a Llama-family model.
 
 from __future__ import annotations
 
+import argparse
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import AdapterError, MissingDependencyError, ReftError
+from ..errors import AdapterError, MissingDependencyError, ReftConfigError, ReftError
 from ..hooks import apply_at_positions
 from .adapters import ServedAdapter, flat_edit_indices, load_served_adapter
 
@@ -239,3 +240,59 @@ def _head_output_hook(step: _StepState, site: tuple[int, str], num_heads: int | 
         return (_edit_flat(heads, edits).flatten(-2), *args[1:])
 
     return hook
+
+
+# -- the OpenAI-compatible server (``reftlib serve``) ------------------------------------------------
+
+def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str) -> argparse.Namespace:
+    """Parse ``vllm serve`` options for ``model`` and set what the adapters need.
+
+    Forces ``enforce_eager`` and the worker extension, adds ``middleware`` (the adapter router) and
+    refuses settings the hooks cannot work under: tensor or pipeline parallelism, several API
+    server processes (the router's routes live in this process), another worker extension.
+    """
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="reftlib serve MODEL --adapter NAME=PATH"))
+    try:
+        args = parser.parse_args(["--model", model, *vllm_args])
+    except SystemExit as exc:  # argparse printed what it did not accept
+        raise ReftConfigError(f"vLLM does not accept the server options {list(vllm_args)} (see the message "
+                              "above); `vllm serve --help` lists them") from exc
+    validate_parsed_serve_args(args)
+    if getattr(args, "worker_extension_cls", "") not in ("", None, WORKER_EXTENSION):
+        raise ReftConfigError(f"reftlib serve sets --worker-extension-cls itself; drop {args.worker_extension_cls!r}")
+    for option in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        if (getattr(args, option, 1) or 1) != 1:
+            raise ReftConfigError(f"reftlib serve serves adapters with --{option.replace('_', '-')} 1 only")
+    if (getattr(args, "api_server_count", None) or 1) != 1 or getattr(args, "headless", False):
+        raise ReftConfigError("reftlib serve runs one API server process (drop --api-server-count / --headless)")
+    args.enforce_eager = True
+    args.worker_extension_cls = WORKER_EXTENSION
+    args.middleware = [*(args.middleware or []), middleware]
+    return args
+
+
+def run_openai_server(args: argparse.Namespace, folders: Mapping[str, str], model_config: Mapping[str, Any]) -> None:
+    """Start vLLM's OpenAI-compatible server, load the adapters into its workers, serve until stopped."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+
+    async def run() -> None:
+        listen_address, sock = setup_server(args, reuse_port=False)
+        async with build_async_engine_client(args) as engine:
+            if folders:
+                loaded = await engine.collective_rpc("reft_load_adapters", args=(dict(folders), dict(model_config)))
+                logger.info("reftlib adapters loaded: %s", loaded[0] if loaded else [])
+            shutdown = await build_and_serve(engine, listen_address, sock, args)
+        try:
+            await shutdown
+        finally:
+            sock.close()
+
+    uvloop.run(run())
