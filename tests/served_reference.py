@@ -39,14 +39,15 @@ LONG_REQUEST = (
     "automated and he must leave the island. Write the first paragraph of the letter he sends on his "
     "last evening there, and say in one sentence how his sister might reply."
 )
-ADAPTERS = ("default", "fl", "lofit")
+ADAPTERS = ("default", "fl", "lofit", "l15")
 
 
 def save_test_adapters(folder) -> None:
     """Save the three test adapters of the offline SmolLM2 into ``folder``.
 
     ``default``: LoReFT rank 4 at "l1" on layer 15; ``fl``: LoReFT rank 2 at "f2+l2" on layers 4
-    and 20; ``lofit``: LoFiT head offsets on every position (heads 0, 2, 5 of layer 3, head 1 of 12).
+    and 20; ``lofit``: LoFiT head offsets on every position (heads 0, 2, 5 of layer 3, head 1 of 12);
+    ``l15``: another LoReFT at "l1" on layer 15 (stacked with ``default``, the order matters).
     """
     from reftlib.offline import load_default_model
 
@@ -63,6 +64,9 @@ def save_test_adapters(folder) -> None:
          "positions": None},
         {"layer": 12, "component": "head_output", "intervention": reftlib.HeadBiasIntervention(heads=[1]),
          "positions": None},
+    ]))
+    reft_model.add_adapter("l15", reftlib.ReftConfig(representations=[
+        {"layer": 15, "component": "block_output", "low_rank_dimension": 4, "positions": "l1"},
     ]))
     randomize(reft_model, scale=0.5)
     with torch.no_grad():  # strong LoFiT offsets, so the steered text differs from the base text
@@ -99,8 +103,11 @@ class _ForceTokens:
         return forced
 
 
-def reference_logprobs(reference, prompt: list[int], adapter: str | None, tokens: list[int]) -> torch.Tensor:
-    """``(len(tokens), vocab)`` float64 log-probabilities of each step of ``generate`` fed ``tokens``."""
+def reference_logprobs(reference, prompt: list[int], adapter, tokens: list[int]) -> torch.Tensor:
+    """``(len(tokens), vocab)`` float64 log-probabilities of each step of ``generate`` fed ``tokens``.
+
+    ``adapter``: a name, a list of names (stacked in that order) or ``None`` (the base model).
+    """
     from transformers import LogitsProcessorList
 
     ids = torch.tensor([prompt])
@@ -111,7 +118,7 @@ def reference_logprobs(reference, prompt: list[int], adapter: str | None, tokens
     return torch.log_softmax(torch.stack([step[0] for step in out.logits]).double(), dim=-1)
 
 
-def check_served(reference, prompt: list[int], adapter: str | None, tokens: list[int],
+def check_served(reference, prompt: list[int], adapter, tokens: list[int],
                  served_logprobs: list[float], where: str) -> None:
     """Check one served answer (its tokens and their log-probabilities) against the reference."""
     assert tokens, f"{where}: no tokens were served"
@@ -129,7 +136,7 @@ def check_served(reference, prompt: list[int], adapter: str | None, tokens: list
         assert moved >= SEPARATION * TOLERANCE, f"{where}: the adapter moves only {moved:.3g} nats"
 
 
-def assert_same_up_to_ties(reference, prompt: list[int], adapter: str | None, a: list[int], b: list[int],
+def assert_same_up_to_ties(reference, prompt: list[int], adapter, a: list[int], b: list[int],
                            where: str) -> None:
     """Two greedy answers to one request are equal, or part only at a near tie of the reference."""
     if a == b:

@@ -65,6 +65,18 @@ def test_cache_salt_rule():
     assert "cache_salt" not in route_request({**CHAT, "model": "base"}, ROUTES)
 
 
+def test_stacked_adapters():
+    routed = route_request({**CHAT, "model": "lofit+emoji"}, ROUTES)
+    assert routed["vllm_xargs"] == {ADAPTER_ARG: ["lofit", "emoji"]} and routed["model"] == "base"
+    assert routed["cache_salt"] != route_request({**CHAT, "model": "emoji+lofit"}, ROUTES)["cache_salt"]
+    assert routed["cache_salt"] != route_request({**CHAT, "model": "emoji"}, ROUTES)["cache_salt"]
+    other_prompt = {**CHAT, "model": "lofit+emoji", "messages": [{"role": "user", "content": "Hello!"}]}
+    assert routed["cache_salt"] != route_request(other_prompt, ROUTES)["cache_salt"]  # "emoji" is at "l1"
+    for bad in ("emoji+emoji", "emoji+nope", "emoji+", "base+emoji"):
+        with pytest.raises(reftlib.InputError, match="does not exist"):
+            route_request({**CHAT, "model": bad}, ROUTES)
+
+
 def test_unknown_model_and_forged_adapter_argument_are_refused():
     with pytest.raises(reftlib.InputError, match=r"`nope` does not exist\. Served: base, base-alias, emoji, lofit"):
         route_request({**CHAT, "model": "nope"}, ROUTES)
@@ -80,6 +92,8 @@ def test_parse_adapter_specs():
             parse_adapter_specs(bad)
     with pytest.raises(reftlib.InputError, match="given twice"):
         parse_adapter_specs(["a=x", "a=y"])
+    with pytest.raises(reftlib.InputError, match="stacks adapters"):
+        parse_adapter_specs(["a+b=x"])
 
 
 # -- the ASGI middleware, with a stand-in for vLLM's app -----------------------------------------

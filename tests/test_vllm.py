@@ -15,12 +15,16 @@ import os
 import pytest
 import torch
 from served_reference import (
+    ADAPTERS,
     LONG_REQUEST,
     MAX_NEW,
     QUESTIONS,
+    SEPARATION,
+    TOLERANCE,
     chat_prompt,
     check_served,
     load_reference,
+    reference_logprobs,
     save_test_adapters,
 )
 
@@ -45,7 +49,7 @@ def setup(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = ReftLLM(default_model_path(), adapters={"default": folder, "fl": folder, "lofit": folder},
+    engine = ReftLLM(default_model_path(), adapters=dict.fromkeys(ADAPTERS, folder),
                      dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
                      seed=0)
     yield engine, tokenizer, prompts, reference
@@ -54,15 +58,18 @@ def setup(tmp_path_factory):
     logging.raiseExceptions = False
 
 
-def _check_served(setup, rows: list[tuple[list[int], str | None]]) -> None:
-    """Serve ``rows`` (prompt, adapter) as one batch and check every row against the reference."""
+def _check_served(setup, rows: list[tuple[list[int], str | None]]) -> list[list[int]]:
+    """Serve ``rows`` (prompt, adapter) as one batch, check every row against the reference, return the tokens."""
     engine, _, _, reference = setup
     params = vllm.SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=1)
     outs = engine.generate([p for p, _ in rows], params, adapters=[a for _, a in rows])
+    served = []
     for row, ((prompt, adapter), out) in enumerate(zip(rows, outs)):
         tokens = list(out.outputs[0].token_ids)
         logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
         check_served(reference, prompt, adapter, tokens, logprobs, f"row {row}")
+        served.append(tokens)
+    return served
 
 
 def test_base_model_matches_hf(setup):
@@ -75,6 +82,21 @@ def test_adapter_matches_hf(setup, adapter):
     """LoReFT at "l1", LoReFT at "f2+l2" on two layers, LoFiT head offsets (every position)."""
     prompts = setup[2]
     _check_served(setup, [(p, adapter) for p in prompts])
+
+
+def test_stacked_adapters_match_hf(setup):
+    """A request may stack adapters, applied in its order as ``ReftModel.generate``'s list entries
+    (``default`` and ``l15`` edit the same site, so their two orders give different answers);
+    stacks share batches with single adapters and base rows."""
+    prompts, reference = setup[2], setup[3]
+    tokens = _check_served(setup, [(prompts[0], ["default", "l15"]), (prompts[0], ["l15", "default"]),
+                                   (prompts[1], ["lofit", "fl"]), (prompts[2], ["fl", "default", "lofit"]),
+                                   (prompts[3], "lofit"), (prompts[1], None)])[0]
+    one_order = reference_logprobs(reference, prompts[0], ["default", "l15"], tokens)
+    other_order = reference_logprobs(reference, prompts[0], ["l15", "default"], tokens)
+    steps, chosen = range(len(tokens)), tokens
+    moved = (one_order[steps, chosen] - other_order[steps, chosen]).abs().max().item()
+    assert moved >= SEPARATION * TOLERANCE, f"the two orders differ by {moved:.3g} nats only; the order is not tested"
 
 
 def test_mixed_batch_matches_hf(setup):
@@ -107,12 +129,20 @@ def test_cache_salt_separates_adapters_and_prompt_lengths(setup):
     assert cache_salt(engine.adapters["default"], 10) != cache_salt(engine.adapters["default"], 11)
     assert cache_salt(engine.adapters["lofit"], 10) == cache_salt(engine.adapters["lofit"], 11)
     assert cache_salt(engine.adapters["lofit"], 10) != cache_salt(engine.adapters["fl"], 10)
+    lofit, default = engine.adapters["lofit"], engine.adapters["default"]
+    assert cache_salt([lofit, default], 10) not in (cache_salt([default, lofit], 10), cache_salt(lofit, 10))
+    assert cache_salt([lofit, default], 10) != cache_salt([lofit, default], 11)  # "default" is at "l1"
+    assert cache_salt([lofit], 10) == cache_salt(lofit, 10) and cache_salt([], 10) is None
 
 
 def test_unknown_adapter_is_refused(setup):
     engine = setup[0]
     with pytest.raises(reftlib.AdapterError, match="unknown adapter"):
         engine.generate(["hi"], adapters=["nope"])
+    with pytest.raises(reftlib.AdapterError, match="unknown adapter"):
+        engine.generate(["hi"], adapters=[["lofit", "nope"]])
+    with pytest.raises(reftlib.AdapterError, match="twice"):
+        engine.generate(["hi"], adapter=["lofit", "lofit"])
 
 
 def test_unservable_adapter_is_refused_before_the_engine_starts(tmp_path):

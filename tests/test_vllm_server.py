@@ -106,8 +106,9 @@ def _complete(client, model: str, prompt: list[int]) -> tuple[list[int], list[fl
     return _token_ids(choice.logprobs.tokens), list(choice.logprobs.token_logprobs)
 
 
-def _adapter(model: str) -> str | None:
-    return None if model == BASE else model
+def _adapter(model: str):
+    """The reference's ``adapter_names`` entry for a served model name."""
+    return None if model == BASE else model.split("+") if "+" in model else model
 
 
 def test_models_lists_base_and_adapters(server):
@@ -119,7 +120,7 @@ def test_models_lists_base_and_adapters(server):
         assert cards[name].root.startswith(str(folder))
 
 
-@pytest.mark.parametrize("model", [BASE, *ADAPTERS])
+@pytest.mark.parametrize("model", [BASE, *ADAPTERS, "lofit+default"])
 def test_completions_select_the_adapter_by_name(server, model):
     client, tokenizer, reference, _ = server
     for row, question in enumerate(QUESTIONS[:2]):

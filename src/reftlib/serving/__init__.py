@@ -44,20 +44,23 @@ __all__ = [
 _FORCED = {"enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION}
 
 
-def cache_salt(adapter: ServedAdapter | None, prompt_length: int) -> str | None:
-    """The prefix-cache salt of a request: ``None`` for the base model, else unique to the adapter.
+def cache_salt(adapter: ServedAdapter | Sequence[ServedAdapter] | None, prompt_length: int) -> str | None:
+    """The prefix-cache salt of a request: ``None`` for the base model, else unique to its adapters.
 
-    vLLM mixes the salt into the hash of every KV block of the request, so blocks are shared only
-    between requests with the same salt. Adapters that edit positions counted from the prompt's end
-    (``"l1"``) also salt with the prompt length: one prefix is edited differently in prompts of
-    different lengths. Adapters acting on every position edit a token from its prefix alone, so
-    every prompt served by that adapter may share blocks.
+    ``adapter`` is the request's adapter, or the adapters it stacks (in order). vLLM mixes the salt
+    into the hash of every KV block of the request, so blocks are shared only between requests with
+    the same salt. Adapters that edit positions counted from the prompt's end (``"l1"``) also salt
+    with the prompt length: one prefix is edited differently in prompts of different lengths.
+    Adapters acting on every position edit a token from its prefix alone, so every prompt served by
+    them may share blocks.
     """
-    if adapter is None:
+    stack = [] if adapter is None else [adapter] if isinstance(adapter, ServedAdapter) else list(adapter)
+    if not stack:
         return None
-    if adapter.prompt_length_matters:
-        return f"reftlib:{adapter.name}:{prompt_length}"
-    return f"reftlib:{adapter.name}"
+    salt = "reftlib:" + "+".join(one.name for one in stack)
+    if any(one.prompt_length_matters for one in stack):
+        salt += f":{prompt_length}"
+    return salt
 
 
 class ReftLLM:
@@ -106,8 +109,19 @@ class ReftLLM:
         """The adapters this engine serves."""
         return list(self.adapters)
 
+    def _stack(self, entry: str | Sequence[str] | None) -> list[ServedAdapter]:
+        """One prompt's adapters, in stacking order (empty for the base model)."""
+        names = [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+        for name in names:
+            if name not in self.adapters:
+                raise AdapterError(f"unknown adapter {name!r}; this engine serves {self.adapter_names} (or None)")
+        if len(set(names)) != len(names):
+            raise AdapterError(f"the stack {names} names an adapter twice; name each adapter once")
+        return [self.adapters[name] for name in names]
+
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], sampling_params: Any = None, *,
-                 adapter: str | None = None, adapters: Sequence[str | None] | None = None,
+                 adapter: str | Sequence[str] | None = None,
+                 adapters: Sequence[str | Sequence[str] | None] | None = None,
                  use_tqdm: bool = False) -> list[Any]:
         """Generate for each prompt with its adapter; returns vLLM's ``RequestOutput`` list, in prompt order.
 
@@ -115,8 +129,9 @@ class ReftLLM:
             prompts: a text, a list of texts, or a list of token id lists.
             sampling_params: a ``vllm.SamplingParams`` or one per prompt (``None``: vLLM's defaults).
                 Their ``extra_args`` get the adapter's name under :data:`ADAPTER_ARG`.
-            adapter: the adapter of every prompt (``None``: the base model).
-            adapters: one adapter name (or ``None``) per prompt; overrides ``adapter``.
+            adapter: the adapter of every prompt (``None``: the base model), or a list of
+                adapters stacked in that order (as ``ReftModel.generate``'s ``adapter_names``).
+            adapters: one entry per prompt (a name, a list of names, or ``None``); overrides ``adapter``.
             use_tqdm: show vLLM's progress bar.
         """
         from vllm import SamplingParams
@@ -127,9 +142,7 @@ class ReftLLM:
         names = [adapter] * len(prompts) if adapters is None else list(adapters)
         if len(names) != len(prompts):
             raise InputError(f"adapters has {len(names)} entries for {len(prompts)} prompts; give one per prompt")
-        for name in names:
-            if name is not None and name not in self.adapters:
-                raise AdapterError(f"unknown adapter {name!r}; this engine serves {self.adapter_names} (or None)")
+        stacks = [self._stack(entry) for entry in names]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             per_prompt = [sampling_params or SamplingParams()] * len(prompts)
         else:
@@ -138,17 +151,17 @@ class ReftLLM:
                 raise InputError(f"{len(per_prompt)} sampling_params for {len(prompts)} prompts; give one or one each")
         tokenizer = self.llm.get_tokenizer()
         requests, params = [], []
-        for prompt, name, base_params in zip(prompts, names, per_prompt):
+        for prompt, stack, base_params in zip(prompts, stacks, per_prompt):
             ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             if not ids:
                 raise InputError("a prompt has no tokens")
             request: dict[str, Any] = {"prompt_token_ids": ids}
-            salt = cache_salt(self.adapters.get(name) if name else None, len(ids))
+            salt = cache_salt(stack, len(ids))
             if salt is not None:
                 request["cache_salt"] = salt
             requests.append(request)
             extra = dict(base_params.extra_args or {})
-            extra[ADAPTER_ARG] = name
+            extra[ADAPTER_ARG] = [one.name for one in stack] if len(stack) > 1 else (stack[0].name if stack else None)
             one = base_params.clone()
             one.extra_args = extra
             params.append(one)

@@ -4,6 +4,7 @@
         --dtype float32 --max-model-len 512 --port 8000
 
 A client picks an adapter the way it picks one of vLLM's ``--lora-modules``: ``model="emoji"``;
+``model="emoji+lofit"`` stacks adapters in that order (as ``ReftModel.generate``'s list entries);
 ``model=<the base model's served name>`` (or no model) is the base model. ``GET /v1/models`` lists
 the base model and every adapter (``parent`` is the base model). An unknown name gets a 404 in
 OpenAI's error format listing the served names.
@@ -70,6 +71,17 @@ class ServerRoutes:
     def served_names(self) -> list[str]:
         return [*self.base_names, *self.adapters]
 
+    def stack(self, model: Any) -> list[ServedAdapter] | None:
+        """The adapters ``model`` names: one adapter, or ``"A+B"`` (stacked in that order); ``None`` if unknown."""
+        if not isinstance(model, str):
+            return None
+        if model in self.adapters:
+            return [self.adapters[model]]
+        names = model.split("+")
+        if len(names) < 2 or len(set(names)) != len(names) or not all(name in self.adapters for name in names):
+            return None
+        return [self.adapters[name] for name in names]
+
 
 def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
     """``["NAME=PATH", ...]`` -> ``{NAME: PATH}``, refusing malformed or repeated names."""
@@ -81,6 +93,8 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
             raise InputError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter emoji=runs/emoji")
         if name in adapters:
             raise InputError(f"--adapter: the name {name!r} is given twice; give each adapter its own name")
+        if "+" in name:
+            raise InputError(f"--adapter {spec!r}: '+' stacks adapters in a request's model name; rename the adapter")
         adapters[name] = path
     return adapters
 
@@ -106,15 +120,17 @@ def route_request(payload: Mapping[str, Any], routes: ServerRoutes) -> dict[str,
     model = payload.get("model")
     if model is None or model in routes.base_names:
         return dict(payload)
-    adapter = routes.adapters.get(model) if isinstance(model, str) else None
-    if adapter is None:
+    stack = routes.stack(model)
+    if stack is None:
         raise RequestRefusedError(404, f"The model `{model}` does not exist. Served: {', '.join(routes.served_names())} "
-                                f"(the base model: {routes.base_names[0]}).", "NotFoundError")
-    parts = [adapter.name, _prompt_digest(payload) if adapter.prompt_length_matters else "", payload.get("cache_salt")]
+                                       f"(the base model: {routes.base_names[0]}; stack adapters with "
+                                       "model=NAME+NAME).", "NotFoundError")
+    names = [adapter.name for adapter in stack]
+    digest = _prompt_digest(payload) if any(adapter.prompt_length_matters for adapter in stack) else ""
     # vLLM's API takes salts of at most 128 characters without "/" or "@": hash the parts.
-    salt = "reftlib-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
-    return {**payload, "model": routes.base_names[0], "vllm_xargs": {**xargs, ADAPTER_ARG: adapter.name},
-            "cache_salt": salt}
+    salt = "reftlib-" + hashlib.sha256(json.dumps([names, digest, payload.get("cache_salt")]).encode()).hexdigest()[:40]
+    return {**payload, "model": routes.base_names[0],
+            "vllm_xargs": {**xargs, ADAPTER_ARG: names if len(names) > 1 else names[0]}, "cache_salt": salt}
 
 
 def model_cards(base_listing: Mapping[str, Any], routes: ServerRoutes) -> dict[str, Any]:

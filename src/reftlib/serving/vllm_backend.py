@@ -13,7 +13,8 @@ How it works, without forking or editing vLLM
   adapters in the worker (:func:`reftlib.serving.adapters.load_served_adapter`, from the folders
   ``save_pretrained`` wrote) and installs the PyTorch hooks described below.
 * **Per-request adapter.** Each request names its adapter in ``SamplingParams.extra_args``
-  under :data:`ADAPTER_ARG` (absent or ``None``: the base model). The worker reads it from the
+  under :data:`ADAPTER_ARG` (absent or ``None``: the base model; a list of names: those adapters
+  stacked in that order). The worker reads it from the
   model runner's request states (``model_runner.requests[req_id].sampling_params``).
 * **Which token is which.** A pre-hook on the top-level model runs once per engine step, before
   any layer. The batch is flat (``[num_tokens, hidden]``, rows end to end): the
@@ -173,26 +174,27 @@ class ReftWorkerExtension:
         for row, req_id in enumerate(batch.req_ids[:num_reqs]):
             state = runner.requests.get(req_id)
             params = getattr(state, "sampling_params", None)
-            name = (getattr(params, "extra_args", None) or {}).get(ADAPTER_ARG)
-            if name is None:
-                continue
-            adapter = self._reft_adapters.get(name)
-            if adapter is None:
-                raise AdapterError(f"request {req_id} asks for adapter {name!r}, which this engine has not loaded "
-                                   f"(loaded: {sorted(self._reft_adapters)})")
+            names = (getattr(params, "extra_args", None) or {}).get(ADAPTER_ARG)
             first, end = starts[row], starts[row + 1]
-            if end <= first:
+            if names is None or end <= first:
                 continue
             prompt_length = int(state.num_prompt_tokens)
-            plan = self._reft_plans.get((name, prompt_length))
-            if plan is None:
-                plan = self._reft_plans[(name, prompt_length)] = adapter.plan(prompt_length)
             start = int(positions[first])
-            for served in adapter.interventions:
-                index = flat_edit_indices(plan, f"{name}.{served.key}", start, end - first, prompt_length)
-                if index is not None:
-                    step.edits.setdefault((served.layer, served.component), []).append(
-                        (served.intervention, index + first))
+            # A stack (a list of names) is applied in its order: at a site edited by several of
+            # its adapters, each edit reads the previous one's output, as in ReftModel.generate.
+            for name in [names] if isinstance(names, str) else names:
+                adapter = self._reft_adapters.get(name)
+                if adapter is None:
+                    raise AdapterError(f"request {req_id} asks for adapter {name!r}, which this engine has not "
+                                       f"loaded (loaded: {sorted(self._reft_adapters)})")
+                plan = self._reft_plans.get((name, prompt_length))
+                if plan is None:
+                    plan = self._reft_plans[(name, prompt_length)] = adapter.plan(prompt_length)
+                for served in adapter.interventions:
+                    index = flat_edit_indices(plan, f"{name}.{served.key}", start, end - first, prompt_length)
+                    if index is not None:
+                        step.edits.setdefault((served.layer, served.component), []).append(
+                            (served.intervention, index + first))
         return None
 
 
