@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import HIDDEN, tiny_model
+from tiny_models import HIDDEN, tiny_config, tiny_model
 from torch import nn
 
 import reftlib
@@ -292,6 +292,27 @@ def test_convert_pyreft_checkpoint(tmp_path):
     saved = json.loads((checked / "reft_config.json").read_text())
     assert saved["base_model_type"] == "llama"
     torch.testing.assert_close(_logits(ReftModel.from_pretrained(checked, tiny_model("llama")), [[[3], [4]]]), direct)
+
+
+def test_convert_records_training_positions_and_serving_needs_them(tmp_path):
+    """pyreft does not save positions: a converted folder may record them, and serving refuses a raw
+    pyreft folder (it would act on every position) with the conversion to run."""
+    from reftlib.errors import AdapterError, PositionError
+    from reftlib.serving.adapters import load_served_adapter
+
+    state, _ = pyreft_state("loreft", seed=2)
+    src = tmp_path / "pyreft"
+    write_pyreft_folder(src, [{"class": "LoreftIntervention", "state": state}])
+    config = tiny_config("llama").to_dict()
+    with pytest.raises(AdapterError, match=r"convert_pyreft_checkpoint\(src, dst, positions="):
+        load_served_adapter("emoji", src, config)
+    with pytest.raises(PositionError):
+        convert_pyreft_checkpoint(src, tmp_path / "bad", positions="f1+q")
+    converted = convert_pyreft_checkpoint(src, tmp_path / "converted", positions="f1+l1")
+    served = load_served_adapter("emoji", converted, config)
+    assert [spec for _, spec in served.positions] == ["f1+l1"] and served.prompt_length_matters
+    reft_model = ReftModel.from_pretrained(converted, tiny_model("llama"))
+    assert [rep.positions for rep in reft_model.reft_configs["default"].representations] == ["f1+l1"]
 
 
 # --------------------------------------------------------------------------- errors

@@ -23,6 +23,7 @@ from .config import DEFAULT_ADAPTER, ReftConfig, intervention_from_config
 from .errors import CheckpointError, ReftConfigError
 from .io import attach_adapter, write_adapter_files
 from .model import ReftModel
+from .positions import parse_position_spec
 from .pyreft_format import PYREFT_COMPONENTS, PYREFT_INTERVENTION_TYPES, is_pyreft_folder, read_pyreft_folder
 
 __all__ = [
@@ -41,6 +42,7 @@ def convert_pyreft_checkpoint(
     *,
     dtype: str | torch.dtype | None = None,
     act_fn: str | None = None,
+    positions: str | None = None,
 ) -> Path:
     """Convert a pyreft save folder into a reftlib folder (``reft_config.json`` + safetensors).
 
@@ -55,12 +57,18 @@ def convert_pyreft_checkpoint(
         model: optionally, the base model the interventions were trained on.
         dtype: dtype of the converted interventions (default ``float32``, lossless).
         act_fn: activation for LoReFT/NoReFT/DiReFT/NodiReFT (pyreft does not save it; default linear).
+        positions: the token positions the interventions were trained at, e.g. ``"f1+l1"`` (pyreft
+            does not save them; default: none recorded, so every call must pass positions, and
+            ``generate``/serving act on every position). Recorded for every intervention.
 
     Returns:
         ``dst_dir`` as a :class:`~pathlib.Path`, loadable with ``ReftModel.from_pretrained(dst_dir, model)``.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     config, tensors = read_pyreft_folder(src, dtype=dtype, act_fn=act_fn)
+    if positions is not None:
+        parse_position_spec(positions)  # a PositionError names a malformed spec
+        config["representations"] = [{**rep, "positions": positions} for rep in config["representations"]]
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a folder; choose another destination")
     if model is not None:

@@ -26,9 +26,11 @@ from torch import nn
 from ..config import ReftConfig
 from ..errors import AdapterError, CheckpointError, ReftConfigError
 from ..folders import read_adapter, saved_adapters
+from ..hub import resolve_folder
 from ..interventions import Intervention
 from ..io import split_extra, state_dict_mismatch
 from ..plan import AdapterSpecs, CallPlan, build_plan, mask_from_lengths
+from ..pyreft_format import is_pyreft_folder
 
 #: Components a served adapter may use, and what each means inside the engine's model.
 SERVED_COMPONENTS = ("block_output", "head_output")
@@ -113,7 +115,7 @@ def resolve_adapter_folder(name: str, folder: str | os.PathLike) -> Path:
 
 
 def load_served_adapter(name: str, folder: str | os.PathLike, model_config: Mapping[str, Any]) -> ServedAdapter:
-    """Build adapter ``name`` saved in ``folder`` for a model with this ``config.json`` dict.
+    """Build adapter ``name`` saved in ``folder`` (a local folder or a Hub repo id) for a model with this ``config.json``.
 
     Raises:
         AdapterError: the adapter cannot be served (a component other than :data:`SERVED_COMPONENTS`,
@@ -121,7 +123,14 @@ def load_served_adapter(name: str, folder: str | os.PathLike, model_config: Mapp
         CheckpointError: the folder is not a saved adapter, or its tensors do not fit the config.
     """
     check_served_model(model_config)
-    directory = resolve_adapter_folder(name, folder)
+    root = resolve_folder(folder)  # a local folder, or a Hub repo id (snapshot, from the cache when offline)
+    if is_pyreft_folder(root):
+        raise AdapterError(
+            f"{root} is a pyreft checkpoint, which does not record the token positions its interventions were "
+            "trained at; convert it once with reftlib.interop.convert_pyreft_checkpoint(src, dst, "
+            "positions='f1+l1') (the positions used in training) and serve dst"
+        )
+    directory = resolve_adapter_folder(name, root)
     config_dict, tensors = read_adapter(directory)
     config_dict = dict(config_dict)
     if config_dict.pop("extra", None) is not None:
