@@ -35,8 +35,9 @@ the HF row. LoRA adapters are written with ``peft``'s ``save_pretrained`` when p
 else in the same file format directly (``adapter_config.json`` + ``adapter_model.safetensors``). If
 an engine or a configuration fails, the table says so with the error instead of a number.
 
-The default run takes about 10 minutes on 2 CPU cores, two engine start-ups included (``--quick``:
-about 4). Engine processes are started with spawn, hence the ``__main__`` guard.
+The default run took 20 minutes on 2 CPU cores shared with other jobs (load average 2-12), two
+engine start-ups of 40 s included (``--quick``: 3 minutes). Engine processes are started with
+spawn, hence the ``__main__`` guard.
 """
 
 from __future__ import annotations
