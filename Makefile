@@ -70,7 +70,7 @@ test-compat: $(COMPAT_STAMP)
 # vLLM serving against reftlib's Hugging Face generate. The offline model is converted by the main venv.
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	$(PY) -c "from reftlib.offline import default_model_path; default_model_path()"
-	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider -q tests/test_vllm.py tests/test_vllm_server.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_PY) -m pytest -p no:cacheprovider -q tests/test_vllm.py tests/test_vllm_server.py tests/test_vllm_architectures.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow"

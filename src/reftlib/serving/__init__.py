@@ -30,7 +30,7 @@ from .adapters import (
     load_served_adapter,
     read_model_config,
 )
-from .vllm_backend import ADAPTER_ARG, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version
+from .vllm_backend import ADAPTER_ARG, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version, shutdown_engine
 
 __all__ = [
     "ADAPTER_ARG",
@@ -103,6 +103,16 @@ class ReftLLM:
         if self.adapters:
             folders = {name: adapter.folder for name, adapter in self.adapters.items()}
             self.llm.collective_rpc("reft_load_adapters", args=(folders, self.model_config))
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now (they also stop when this object is collected or at exit)."""
+        shutdown_engine(self.llm)
+
+    def __enter__(self) -> ReftLLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     @property
     def adapter_names(self) -> list[str]:

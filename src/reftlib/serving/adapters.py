@@ -35,8 +35,10 @@ from ..pyreft_format import is_pyreft_folder
 #: Components a served adapter may use, and what each means inside the engine's model.
 SERVED_COMPONENTS = ("block_output", "head_output")
 
-#: ``model_type`` values (from the model's ``config.json``) whose engine model reftlib can hook.
-SERVED_MODEL_TYPES = ("llama",)
+#: ``model_type`` values (from the model's ``config.json``) whose engine model reftlib can hook: vLLM
+#: builds their decoder layers alike (they return ``(hidden, residual)``; attention output through
+#: ``self_attn.o_proj``). Each is tested against the Hugging Face model (tests/test_vllm_architectures.py).
+SERVED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def check_served_model(model_config: Mapping[str, Any]) -> None:
     model_type = model_config.get("model_type")
     if model_type not in SERVED_MODEL_TYPES:
         raise AdapterError(
-            f"serving reftlib adapters supports model types {list(SERVED_MODEL_TYPES)} (vLLM's Llama decoder layers); "
+            f"serving reftlib adapters supports model types {list(SERVED_MODEL_TYPES)} (vLLM decoder layers built like Llama's); "
             f"this model is {model_type!r}. Use ReftModel.generate on the Hugging Face model instead"
         )
 

@@ -29,7 +29,7 @@ How it works, without forking or editing vLLM
 * **The edits.** Site hooks apply ``intervention.delta`` at those indices with
   :func:`reftlib.hooks.apply_at_positions`, exactly as the Hugging Face runtime:
 
-  - ``block_output`` (a forward hook on decoder layer *L*). vLLM's Llama layers return
+  - ``block_output`` (a forward hook on decoder layer *L*). vLLM's Llama-style layers return
     ``(hidden, residual)`` and the next layer (or the final norm) adds them in a fused
     add + RMSNorm, so the residual stream after layer *L* is ``hidden + residual``. When a step
     has edits at that layer the hook returns ``(hidden + residual + edit, zeros)``: the next fused
@@ -45,7 +45,7 @@ How it works, without forking or editing vLLM
 
 Requirements enforced at start-up: ``enforce_eager=True`` (hooks do not run inside
 ``torch.compile``'d graphs or CUDA graphs), tensor and pipeline parallel size 1 (``o_proj``'s input
-is sharded by heads under tensor parallelism), a Llama-family model.
+is sharded by heads under tensor parallelism), a model type in ``SERVED_MODEL_TYPES``.
 """
 
 from __future__ import annotations
@@ -196,6 +196,13 @@ class ReftWorkerExtension:
                         step.edits.setdefault((served.layer, served.component), []).append(
                             (served.intervention, index + first))
         return None
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine processes now (instead of when the object is collected)."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
 
 
 def _check_runner(runner: Any) -> None:
