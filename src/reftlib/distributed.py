@@ -25,6 +25,7 @@ arithmetic and what was and was not run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -37,10 +38,12 @@ from .components import find_layers
 from .config import DEFAULT_ADAPTER
 from .errors import CheckpointError, ReftConfigError
 from .interventions.rotation import OrthonormalRows
+from .interventions.steps import tracked_modules
 from .io import INDEX_NAME, WEIGHTS_NAME, read_adapter, saved_adapters
 from .model import ReftModel
 
 __all__ = [
+    "after_deepspeed_step",
     "check_trainer_fsdp",
     "fsdp_layer_classes",
     "gather_reft_state_dict",
@@ -146,19 +149,29 @@ def gather_reft_state_dict(reft_model: ReftModel) -> dict[str, torch.Tensor]:
     ``get_model_state_dict(reft_model, options=StateDictOptions(full_state_dict=True))`` gives the
     same entries but also gathers the whole base model. Pass the result to
     ``reft_model.save_pretrained(dir, state_dict=..., is_main_process=rank == 0)``. An unsharded
-    model returns its own tensors (copied to the CPU).
+    model returns its own tensors (copied to the CPU). Under DeepSpeed ZeRO-3 pass ``engine.module``:
+    the interventions' partitioned parameters are gathered the same way.
     """
     require_reft_model(reft_model, "reft_model", "gather_reft_state_dict", cls=ReftModel)
     from torch.distributed.tensor import DTensor
 
     _reshard(reft_model)
+    # DeepSpeed ZeRO-3 partitions parameters in place (an empty tensor and a ``ds_id``): gather ours.
+    partitioned = [p for name, p in reft_model.named_parameters()
+                   if not name.startswith(_BASE_PREFIX) and hasattr(p, "ds_id")]
+    gathering = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gathering = deepspeed.zero.GatheredParameters(partitioned)
     gathered = {}
-    for name, tensor in reft_model.state_dict().items():
-        if name.startswith(_BASE_PREFIX):
-            continue
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        gathered[name] = tensor.detach().cpu().clone()
+    with gathering:
+        for name, tensor in reft_model.state_dict().items():
+            if name.startswith(_BASE_PREFIX):
+                continue
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            gathered[name] = tensor.detach().cpu().clone()
     return gathered
 
 
@@ -208,6 +221,39 @@ def load_sharded_intervention_weights(reft_model: ReftModel, folder: str | os.Pa
     for module in reft_model.modules():  # the values cached from the old parameters are stale
         if isinstance(module, OrthonormalRows):
             module.clear_cache()
+
+
+def after_deepspeed_step(reft_model: nn.Module) -> None:
+    """Run the interventions' post-step updates (LoReFT's rotation retraction) after a DeepSpeed ZeRO step.
+
+    With ZeRO (stages 1-3) the optimizer that steps holds DeepSpeed's flat fp32 partitions, not the
+    model's parameters, so the post-step hook of :mod:`reftlib.interventions.steps` cannot see
+    which interventions were updated. Call this after every ``engine.step()`` that stepped (the
+    reftlib trainers do it themselves); every process must call it. For each intervention with a
+    post-step update: its parameters are gathered (ZeRO-3 partitions them), updated the same way
+    on every process, and written both to the model's parameters and to the optimizer's fp32
+    master copy (otherwise the next step would start from the old values).
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    order = {id(param): index for index, param in enumerate(reft_model.parameters())}
+    work = []
+    for module in tracked_modules(reft_model):
+        params = [p for p in module.parameters() if p.requires_grad and id(p) in order]
+        if params:  # as the optimizer hook does: an intervention's inner rotation before the intervention
+            work.append(((min(order[id(p)] for p in params), len(params)), module, params))
+    for _order, module, params in sorted(work, key=lambda item: item[0]):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            with torch.no_grad():  # start from the optimizer's fp32 values, which the step just wrote
+                for param in params:
+                    master = safe_get_full_fp32_param(param)
+                    if master is not None:
+                        param.copy_(master.view_as(param).to(param.dtype))
+            module.after_optimizer_step()
+            updated = [param.detach().clone() for param in params]
+        for param, value in zip(params, updated):
+            safe_set_full_fp32_param(param, value.float())
 
 
 def check_trainer_fsdp(fsdp_plugin: Any) -> None:

@@ -15,7 +15,7 @@ import weakref
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["track"]
+__all__ = ["track", "tracked_modules"]
 
 _tracked: weakref.WeakSet = weakref.WeakSet()
 
@@ -23,6 +23,11 @@ _tracked: weakref.WeakSet = weakref.WeakSet()
 def track(module: nn.Module) -> None:
     """Call ``module.after_optimizer_step()`` after every optimizer step that updates one of its parameters."""
     _tracked.add(module)
+
+
+def tracked_modules(root: nn.Module) -> list[nn.Module]:
+    """The tracked modules inside ``root``, in ``root.modules()`` order (the same on every process)."""
+    return [module for module in root.modules() if module in _tracked]
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:

@@ -48,6 +48,11 @@ FSDP2 (``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2, ...})``
 frozen base model; the prefix cache turns itself off then (logged). FSDP1 is refused. On the CPU,
 accelerate enables FSDP for GPU-like backends only: shard with :func:`reftlib.shard_reft_model`
 and a hand-written loop there (see ``docs/distributed.md``).
+
+DeepSpeed ZeRO (``TrainingArguments(deepspeed=config)``, stages 1-3) works too: after each
+optimizer step the trainer runs the interventions' post-step updates on their gathered parameters
+and DeepSpeed's fp32 master copies (:func:`reftlib.distributed.after_deepspeed_step`); under
+ZeRO-3 the prefix cache turns itself off (logged).
 """
 
 from __future__ import annotations
@@ -64,7 +69,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..checks import require_instance, require_processing_class, require_reft_model, unwrap_model
-from ..distributed import check_trainer_fsdp, is_sharded, load_sharded_intervention_weights
+from ..distributed import (
+    after_deepspeed_step,
+    check_trainer_fsdp,
+    is_sharded,
+    load_sharded_intervention_weights,
+)
 from ..errors import CheckpointError, ReftConfigError
 from ..hooks import to_device
 from ..interventions.rotation import OrthonormalRows
@@ -111,6 +121,16 @@ def refresh_intervention_caches(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, OrthonormalRows):
             module.clear_cache()
+
+
+class _AfterDeepSpeedStep(TrainerCallback):
+    """After each optimizer step under DeepSpeed ZeRO: the interventions' post-step updates."""
+
+    def __init__(self, trainer: ReftTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        after_deepspeed_step(self.trainer.reft_model)
 
 
 class _ResetPrefixCache(TrainerCallback):
@@ -177,10 +197,14 @@ class ReftTrainer(Trainer):
         self._flops_per_token: int | None = None
         #: Recorded hidden states below the interventions (``None`` with ``prefix_cache=False``).
         self.prefix_cache: PrefixCache | None = None
-        if prefix_cache is not False and self.is_fsdp_enabled:
-            # Skipping the lower layers skips their FSDP all-gathers on the processes that hit the cache
-            # only: the processes' collectives would no longer match.
-            reason = "FSDP is on (skipping sharded layers on some processes only would desynchronize them)"
+        zero_stage = self._deepspeed_zero_stage()
+        if zero_stage:  # DeepSpeed's optimizer steps its own fp32 copies: run the post-step updates after it
+            self.add_callback(_AfterDeepSpeedStep(self))
+        if prefix_cache is not False and (self.is_fsdp_enabled or zero_stage == 3):
+            # Skipping the lower layers skips their all-gathers (FSDP, ZeRO-3) on the processes that hit
+            # the cache only: the processes' collectives would no longer match.
+            reason = ("FSDP is on" if self.is_fsdp_enabled else "DeepSpeed ZeRO-3 is on") + \
+                " (skipping sharded layers on some processes only would desynchronize them)"
             if prefix_cache is True:
                 raise ReftConfigError(f"prefix_cache=True cannot be honoured: {reason}; use prefix_cache='auto' or False")
             logger.info("reftlib: prefix cache off: %s", reason)
@@ -188,6 +212,13 @@ class ReftTrainer(Trainer):
         if prefix_cache is not False:
             self.prefix_cache = PrefixCache(max_bytes=prefix_cache_max_bytes, required=prefix_cache is True)
             self.add_callback(_ResetPrefixCache(self.prefix_cache))
+
+    def _deepspeed_zero_stage(self) -> int:
+        """The DeepSpeed ZeRO stage this Trainer runs (0 without DeepSpeed)."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return 0
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return int(getattr(plugin, "zero_stage", 0) or 0)
 
     #: ``token_level_labels`` of the default collator (``None``: decided from the data).
     _token_level_labels: bool | None = None
