@@ -60,7 +60,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -c "from reftlib.offline import default_model_path; default_model_path()"
-	$(PY) -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider --durations=15
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider --durations=15
 
 # The core suites against the oldest supported transformers (the default venv has the newest).
 test-compat: $(COMPAT_STAMP)

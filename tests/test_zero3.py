@@ -33,9 +33,13 @@ EPS = torch.finfo(torch.float32).eps
 # up to that difference):
 TOL = fsdp_train.STEPS * 64 * EPS
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+    # One DeepSpeed job at a time: with pytest-xdist, two workers would otherwise each launch the
+    # torchrun jobs of this module, and DeepSpeed's CPU communication uses shared memory by name.
+    pytest.mark.xdist_group("deepspeed"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +130,34 @@ def test_reft_trainer_under_zero3_matches_the_plain_trainer(tmp_path):
     assert ranks[0]["prefix_cache"] is False
     trained = load_file(tmp_path / "zero3" / "final" / "reft_model.safetensors")
     _assert_close_to_scale(trained, expected, TOL, "trainer")
+
+
+def test_prefix_cache_under_zero3(tmp_path):
+    """Skipping the cached lower layers on some processes only would desynchronize ZeRO-3's
+    all-gathers: "auto" turns the cache off, ``prefix_cache=True`` is refused. (A second DeepSpeed
+    Trainer cannot be built in the process of the first, so the stage is given here directly.)"""
+    from transformers import TrainingArguments
+
+    from reftlib.training import ReftTrainerForCausalLM
+
+    class UnderZero3(ReftTrainerForCausalLM):
+        def _deepspeed_zero_stage(self) -> int:
+            return 3
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    model = fsdp_train.build("loreft")
+    assert UnderZero3(model=model, args=args, train_dataset=[]).prefix_cache is None
+    assert ReftTrainerForCausalLM(model=model, args=args, train_dataset=[]).prefix_cache is not None
+    with pytest.raises(reftlib.ReftConfigError, match=r"DeepSpeed ZeRO-3 is on.*prefix_cache='auto' or False"):
+        UnderZero3(model=model, args=args, train_dataset=[], prefix_cache=True)
+
+
+def test_a_model_partitioned_at_load_is_refused_clearly():
+    """transformers loads a model partitioned (``zero.Init``) while a ZeRO-3 config is alive; reftlib's
+    one probing forward cannot run on it, and says what to do instead of failing inside the model."""
+    model = fsdp_train.base_model()
+    weight = model.model.layers[0].mlp.up_proj.weight
+    weight.data = torch.empty(0)  # what ZeRO-3 leaves in place of a partitioned parameter
+    weight.ds_id = 0
+    with pytest.raises(reftlib.ReftConfigError, match=r"partitioned by DeepSpeed ZeRO-3.*before the DeepSpeed config"):
+        reftlib.get_reft_model(model, {"layer": 1, "intervention": reftlib.LoreftIntervention(low_rank_dimension=2)})

@@ -19,14 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_train import GLOBAL_BATCH, STEPS, base_model, batch
 
-CONFIG = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                          "stage3_gather_16bit_weights_on_model_save": True},
-    "zero_allow_untested_optimizer": True,
-}
+# The example config users start from, with every parameter partitioned (the tiny model's are all
+# below DeepSpeed's default persistence threshold, which would keep them whole on each process).
+EXAMPLE = Path(__file__).parents[1] / "examples" / "distributed" / "ds_zero3.json"
+CONFIG = json.loads(EXAMPLE.read_text())
+CONFIG["zero_optimization"]["stage3_param_persistence_threshold"] = 0
 
 
 class Rows:

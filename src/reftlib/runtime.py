@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .components import Site
-from .errors import ArchitectureError
+from .errors import ArchitectureError, ReftConfigError
 from .hooks import CallContext, SiteHook
 from .interventions import Intervention
 from .plan import CallPlan
@@ -219,6 +219,13 @@ class HFRuntime:
                 handles.append(site.module.register_forward_pre_hook(pre, with_kwargs=True))
             else:
                 handles.append(site.module.register_forward_hook(post))
+        if any(hasattr(p, "ds_id") and p.numel() == 0 for p in self.model.parameters()):
+            raise ReftConfigError(
+                "the model's weights are partitioned by DeepSpeed ZeRO-3 (it was loaded while a ZeRO-3 config was "
+                "active, e.g. after TrainingArguments(deepspeed=...)), and reftlib runs the model once to find the "
+                "shapes at its sites; load the model and build the ReftModel before the DeepSpeed config exists "
+                "(DeepSpeed partitions the weights when training starts)"
+            )
         device = self.input_device()
         try:
             with torch.no_grad(), self.base_only():
