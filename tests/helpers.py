@@ -40,6 +40,10 @@ def make_intervention(component: str, rank: int = 2):
 def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> dict[int, dict]:
     """Run ``script out`` under torchrun on ``nproc`` local gloo processes; the ``rank*.json`` reports by rank.
 
+    The test modules that launch such jobs share the pytest-xdist group ``"torchrun"`` (``make test``
+    runs with ``--dist loadgroup``): on a small machine two concurrent jobs of 2 processes each
+    oversubscribe the cores, and DeepSpeed's CPU communication uses named shared memory.
+
     The script writes one ``rank<r>.json`` (with ``rank`` and ``world_size``) into ``out``.
     """
     import json

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 HERE = Path(__file__).parent
 SCRIPT = HERE / "ddp_train.py"
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+    pytest.mark.xdist_group("torchrun"),  # one multi-process job at a time (see helpers.run_torchrun)
+]
 
 
 def _free_port() -> int:

@@ -33,9 +33,11 @@ EPS = torch.finfo(torch.float32).eps
 # relative to its terms' scale; the difference enters every step's update once, so after STEPS steps:
 TOL = fsdp_train.STEPS * 64 * EPS
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+    pytest.mark.xdist_group("torchrun"),  # one multi-process job at a time (see helpers.run_torchrun)
+]
 
 
 def _assert_close_to_scale(actual: dict, expected: dict, rel: float, what: str) -> None:

@@ -28,9 +28,11 @@ from helpers import run_torchrun  # noqa: E402
 EPS = torch.finfo(torch.float32).eps
 VOCAB_SUM = 128  # the widest reduction of the DPO log-probs: the log-sum-exp over the tiny vocabulary
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+    pytest.mark.xdist_group("torchrun"),  # one multi-process job at a time (see helpers.run_torchrun)
+]
 
 
 @pytest.fixture(scope="module")

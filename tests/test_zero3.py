@@ -36,9 +36,7 @@ TOL = fsdp_train.STEPS * 64 * EPS
 pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                        reason="torch.distributed with gloo is not available"),
-    # One DeepSpeed job at a time: with pytest-xdist, two workers would otherwise each launch the
-    # torchrun jobs of this module, and DeepSpeed's CPU communication uses shared memory by name.
-    pytest.mark.xdist_group("deepspeed"),
+    pytest.mark.xdist_group("torchrun"),  # one multi-process job at a time (see helpers.run_torchrun)
 ]
 
 
