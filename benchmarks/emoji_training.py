@@ -21,8 +21,11 @@ Measured in one run, on the same collated batch:
    ``train()`` time, per-step wall time (between consecutive ``on_step_end`` callbacks) and the loss.
 
 ``--loss-seeds 42 1 2 3`` instead trains both Trainers to the end from the same pyreft-initialized
-weights for each seed and tabulates the final losses (one 10-example trajectory is noisy; several
-show whether one side ends lower systematically).
+weights for each seed and tabulates the final and mean training losses (one 10-example trajectory
+is noisy; several show whether one side ends lower systematically) and how many of the demo's 12
+unseen prompts each trained model answers in emoji only (greedy, 32 new tokens, one unpadded
+prompt at a time, in the same template as training; pyreft through its tutorial's ``generate``
+call): pyreft parity, kept visible.
 
 Usage::
 
@@ -52,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import common  # first: may set OMP_WAIT_POLICY before torch is imported
 import torch
 from emoji_chatbot import TUTORIAL_TRAIN as TRAIN
+from emoji_chatbot import UNSEEN, is_emoji_only
 from transformers import TrainerCallback, TrainingArguments
 
 import reftlib
@@ -202,7 +206,8 @@ def run_pyreft_trainer(pyreft, base, tokenizer, prompts, answers, steps: int, ep
         iv.eval()
     batch = data["data_collator"]([data["train_dataset"][i] for i in range(len(prompts))])
     after = batch_loss(rm, batch, pyreft_style=True)
-    return {"steps": timer.steps, "total_s": total, "losses": losses, "loss_after": after}
+    return {"steps": timer.steps, "total_s": total, "losses": losses, "loss_after": after, "model": rm,
+            "tokenizer": tok}
 
 
 def run_reftlib_trainer(base, tokenizer, prompts, answers, epochs: int, seed: int,
@@ -235,10 +240,34 @@ def run_reftlib_trainer(base, tokenizer, prompts, answers, epochs: int, seed: in
     batch = data["data_collator"]([data["train_dataset"][i] for i in range(len(prompts))])
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {"total_s": total, "steps": timer.steps, "losses": losses,
-            "loss_after": batch_loss(reft_model, batch, pyreft_style=False)}
+            "loss_after": batch_loss(reft_model, batch, pyreft_style=False), "model": reft_model}
 
 
-def compare_losses(pyreft, base, tokenizer, prompts, answers, seeds: list[int], epochs: int) -> list[dict[str, Any]]:
+def unseen_answers(model, tokenizer, unseen_prompts: list[str], *, pyreft_style: bool,
+                   max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to the unseen prompts, one unpadded prompt at a time, the intervention at its last token.
+
+    pyreft's side is the tutorial's own call (``unit_locations={"sources->base": (None, [[[last]]])}``,
+    ``intervene_on_prompt=True``); reftlib's is ``generate(..., unit_locations="l1")``.
+    """
+    texts = []
+    for prompt in unseen_prompts:
+        enc = tokenizer(prompt, return_tensors="pt")
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            if pyreft_style:
+                last = enc["input_ids"].shape[-1] - 1
+                _, out = model.generate(dict(enc), unit_locations={"sources->base": (None, [[[last]]])},
+                                        intervene_on_prompt=True, **kwargs)
+            else:
+                out = model.generate(**enc, unit_locations="l1", **kwargs)
+        texts.append(tokenizer.decode(out[0, enc["input_ids"].shape[-1]:], skip_special_tokens=True).strip())
+    return texts
+
+
+def compare_losses(pyreft, base, tokenizer, prompts, answers, seeds: list[int], epochs: int,
+                   unseen_prompts: list[str] | None = None) -> list[dict[str, Any]]:
     """Final training loss of pyreft's and reftlib's Trainers from the same initial weights, per seed.
 
     One seed is one trajectory on 10 examples, which the initialization and the order of floating-
@@ -252,9 +281,21 @@ def compare_losses(pyreft, base, tokenizer, prompts, answers, seeds: list[int], 
         ours = run_reftlib_trainer(base, tokenizer, prompts, answers, epochs, seed, initial)
         rows.append({"seed": seed, "pyreft": theirs["losses"][-1], "pyreft_after": theirs["loss_after"],
                      "pyreft_s": theirs["total_s"], "reftlib": ours["losses"][-1],
-                     "reftlib_after": ours["loss_after"], "reftlib_s": ours["total_s"]})
+                     "reftlib_after": ours["loss_after"], "reftlib_s": ours["total_s"],
+                     "pyreft_mean": statistics.mean(theirs["losses"]), "reftlib_mean": statistics.mean(ours["losses"])})
+        if unseen_prompts:
+            for name, run, pyreft_style in (("pyreft", theirs, True), ("reftlib", ours, False)):
+                try:
+                    texts = unseen_answers(run["model"], run.get("tokenizer", tokenizer), unseen_prompts,
+                                           pyreft_style=pyreft_style)
+                    rows[-1][f"{name}_unseen"] = sum(map(is_emoji_only, texts))
+                    rows[-1][f"{name}_answers"] = texts
+                except Exception as exc:  # pyreft's generate on this transformers: report, do not hide
+                    rows[-1][f"{name}_unseen"] = f"failed: {type(exc).__name__}: {exc}"
         log(f"  seed {seed}: last-step loss pyreft {rows[-1]['pyreft']:.4f} ({theirs['total_s']:.0f} s), "
-            f"reftlib {rows[-1]['reftlib']:.4f} ({ours['total_s']:.0f} s)")
+            f"reftlib {rows[-1]['reftlib']:.4f} ({ours['total_s']:.0f} s); emoji-only unseen answers: pyreft "
+            f"{rows[-1].get('pyreft_unseen', '-')}, reftlib {rows[-1].get('reftlib_unseen', '-')}")
+        del theirs["model"], ours["model"]
     return rows
 
 
@@ -275,9 +316,12 @@ def ablation(base, tokenizer, prompts, answers, epochs: int, steps: int, rounds:
 def render_loss_seeds(rows: list[dict[str, Any]], epochs: int) -> str:
     """Markdown table of :func:`compare_losses`."""
     table = common.markdown_table(
-        ["seed", "pyreft last-step loss", "reftlib last-step loss", "pyreft eval loss after", "reftlib eval loss after"],
-        [[r["seed"], f"{r['pyreft']:.4f}", f"{r['reftlib']:.4f}", f"{r['pyreft_after']:.4f}",
-          f"{r['reftlib_after']:.4f}"] for r in rows])
+        ["seed", "pyreft last-step loss", "reftlib last-step loss", "pyreft mean training loss",
+         "reftlib mean training loss", "pyreft eval loss after", "reftlib eval loss after",
+         f"pyreft emoji-only unseen (of {len(UNSEEN)})", f"reftlib emoji-only unseen (of {len(UNSEEN)})"],
+        [[r["seed"], f"{r['pyreft']:.4f}", f"{r['reftlib']:.4f}", f"{r['pyreft_mean']:.4f}", f"{r['reftlib_mean']:.4f}",
+          f"{r['pyreft_after']:.4f}", f"{r['reftlib_after']:.4f}", r.get("pyreft_unseen", "-"),
+          r.get("reftlib_unseen", "-")] for r in rows])
     mean = {k: statistics.mean(r[k] for r in rows) for k in ("pyreft", "reftlib", "pyreft_after", "reftlib_after")}
     wins = sum(r["reftlib"] <= r["pyreft"] for r in rows)
     return (f"Final loss over {len(rows)} seeds ({epochs} steps each, both Trainers from the same pyreft-initialized "
@@ -325,8 +369,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if peers is None:
             parser.error("--loss-seeds needs pyreft (pip install --no-deps pyreft pyvene)")
         log(f"final losses over seeds {args.loss_seeds}")
-        rows = compare_losses(peers[0], base, tokenizer, prompts, answers, args.loss_seeds, args.epochs)
-        text = render_loss_seeds(rows, args.epochs)
+        unseen = apply_chat_template(tokenizer, UNSEEN) if args.template == "chat" else [TUTORIAL_TEMPLATE % q for q in UNSEEN]
+        rows = compare_losses(peers[0], base, tokenizer, prompts, answers, args.loss_seeds, args.epochs, unseen)
+        machine["load_end"] = common.load_average()
+        text = f"*Machine:* {common.describe_machine(machine)}\n\n" + render_loss_seeds(rows, args.epochs)
         print("\n" + text)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
