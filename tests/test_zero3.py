@@ -4,7 +4,7 @@ One ``torchrun`` launch of ``tests/zero3_train.py`` (``deepspeed.initialize`` wi
 ``reftlib.distributed.after_deepspeed_step`` after each step) covers LoReFT and LoFiT head offsets,
 the per-process memory, checkpoint + resume and the saved folder; the single-process references
 are ``fsdp_train.run_single`` (the same model, batch and optimizer). Skipped where DeepSpeed is not
-installed. The Trainer's ``deepspeed=`` path runs on GPUs only (``test_devices.py``).
+installed: ``make test-deepspeed`` runs it in its own environment. The Trainer's ``deepspeed=`` path runs on GPUs only (``test_devices.py``).
 """
 
 from __future__ import annotations
