@@ -37,6 +37,14 @@ def make_intervention(component: str, rank: int = 2):
     return reftlib.LoreftIntervention(low_rank_dimension=rank)
 
 
+def assert_close_to_scale(actual: dict, expected: dict, rel: float, what: str) -> None:
+    """Each tensor within ``rel`` times its own largest entry (weights near 0 carry no relative precision)."""
+    assert actual.keys() == expected.keys(), what
+    for key in expected:
+        scale = expected[key].abs().max().item()
+        torch.testing.assert_close(actual[key], expected[key], atol=rel * scale, rtol=0, msg=f"{what}: {key}")
+
+
 def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> dict[int, dict]:
     """Run ``script out`` under torchrun on ``nproc`` local gloo processes; the ``rank*.json`` reports by rank.
 

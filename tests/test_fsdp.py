@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 SCRIPT = HERE / "fsdp_train.py"
 sys.path.insert(0, str(HERE))
 import fsdp_train  # noqa: E402
-from helpers import run_torchrun  # noqa: E402
+from helpers import assert_close_to_scale, run_torchrun  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
@@ -39,13 +39,6 @@ pytestmark = [
     pytest.mark.xdist_group("torchrun"),  # one multi-process job at a time (see helpers.run_torchrun)
 ]
 
-
-def _assert_close_to_scale(actual: dict, expected: dict, rel: float, what: str) -> None:
-    """Each tensor within ``rel`` times its own largest entry (weights near 0 carry no relative precision)."""
-    assert actual.keys() == expected.keys(), what
-    for key in expected:
-        scale = expected[key].abs().max().item()
-        torch.testing.assert_close(actual[key], expected[key], atol=rel * scale, rtol=0, msg=f"{what}: {key}")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def test_sharded_training_matches_one_process(fsdp_run, single, method):
         torch.testing.assert_close(torch.tensor(rank["losses"][method]), torch.tensor(losses), rtol=TOL, atol=0)
     assert losses[-1] < losses[0]  # it trains
     trained = load_file(out / method / "final" / "reft_model.safetensors")
-    _assert_close_to_scale(trained, expected, TOL, method)
+    assert_close_to_scale(trained, expected, TOL, method)
 
 
 def test_each_process_holds_half_of_the_base(fsdp_run):
@@ -99,7 +92,7 @@ def test_resume_matches_an_uninterrupted_run(fsdp_run):
                                    torch.tensor(rank["losses"]["loreft"][at:]), rtol=TOL, atol=0)
     # The same operations in the same order; only the optimizer may pick another kernel for the
     # restored momentum (one rounding per update): a few ulps of each tensor's scale per step.
-    _assert_close_to_scale(load_file(out / "loreft_resumed" / "final" / "reft_model.safetensors"),
+    assert_close_to_scale(load_file(out / "loreft_resumed" / "final" / "reft_model.safetensors"),
                            load_file(out / "loreft" / "final" / "reft_model.safetensors"),
                            8 * EPS * (fsdp_train.STEPS - at), "resumed")
     assert (out / "loreft_ckpt" / "reft_config.json").is_file()

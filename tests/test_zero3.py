@@ -24,7 +24,7 @@ pytest.importorskip("deepspeed")
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import fsdp_train  # noqa: E402
-from helpers import run_torchrun  # noqa: E402
+from helpers import assert_close_to_scale, run_torchrun  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
 # As for FSDP2 (test_fsdp.py): the same fp32 operations but for the order of reductions (each process
@@ -55,12 +55,6 @@ def single():
         torch.set_num_threads(threads)
 
 
-def _assert_close_to_scale(actual: dict, expected: dict, rel: float, what: str) -> None:
-    assert actual.keys() == expected.keys(), what
-    for key in expected:
-        scale = expected[key].abs().max().item()
-        torch.testing.assert_close(actual[key], expected[key], atol=rel * scale, rtol=0, msg=f"{what}: {key}")
-
 
 @pytest.mark.parametrize("method", fsdp_train.METHODS)
 def test_zero3_training_matches_one_process(zero3_run, single, method):
@@ -70,7 +64,7 @@ def test_zero3_training_matches_one_process(zero3_run, single, method):
         torch.testing.assert_close(torch.tensor(rank["losses"][method]), torch.tensor(losses), rtol=TOL, atol=0)
     assert losses[-1] < losses[0]
     trained = load_file(out / method / "final" / "reft_model.safetensors")
-    _assert_close_to_scale(trained, expected, TOL, method)
+    assert_close_to_scale(trained, expected, TOL, method)
 
 
 def test_rotations_are_retracted_after_each_zero3_step(zero3_run):
@@ -102,14 +96,14 @@ def test_resume_matches_an_uninterrupted_run(zero3_run):
     for rank in ranks.values():
         torch.testing.assert_close(torch.tensor(rank["losses"]["loreft_resumed"]),
                                    torch.tensor(rank["losses"]["loreft"][at:]), rtol=TOL, atol=0)
-    _assert_close_to_scale(load_file(out / "loreft_resumed" / "final" / "reft_model.safetensors"),
+    assert_close_to_scale(load_file(out / "loreft_resumed" / "final" / "reft_model.safetensors"),
                            load_file(out / "loreft" / "final" / "reft_model.safetensors"), TOL, "resumed")
 
 
 def test_saved_folder_loads_in_one_process(zero3_run, single):
     out, _ranks = zero3_run
     loaded = reftlib.ReftModel.from_pretrained(out / "lofit" / "final", fsdp_train.base_model())
-    _assert_close_to_scale(reftlib.get_adapter_state_dict(loaded), single["lofit"][1], TOL, "loaded")
+    assert_close_to_scale(reftlib.get_adapter_state_dict(loaded), single["lofit"][1], TOL, "loaded")
 
 
 def test_reft_trainer_under_zero3_matches_the_plain_trainer(tmp_path):
@@ -127,7 +121,7 @@ def test_reft_trainer_under_zero3_matches_the_plain_trainer(tmp_path):
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), rtol=TOL, atol=0)
     assert ranks[0]["prefix_cache"] is False
     trained = load_file(tmp_path / "zero3" / "final" / "reft_model.safetensors")
-    _assert_close_to_scale(trained, expected, TOL, "trainer")
+    assert_close_to_scale(trained, expected, TOL, "trainer")
 
 
 def test_prefix_cache_under_zero3(tmp_path):
