@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 import reftlib
@@ -81,3 +84,44 @@ def run_torchrun(script, out, nproc: int = 2, timeout: int = 240) -> dict[int, d
     ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in Path(out).glob("rank*.json"))}
     assert set(ranks) == set(range(nproc)) and all(r["world_size"] == nproc for r in ranks.values())
     return ranks
+
+
+def write_pyreft_folder(folder: Path, entries: list[dict], *, dim: int, rank: int, legacy: bool = False,
+                        sorted_keys: bool = True) -> list[str]:
+    """Write ``config.json`` + ``intkey_*.bin`` the way pyvene's ``IntervenableModel.save`` does.
+
+    Each entry: ``{"class": "LoreftIntervention", "state": {...}, "layer": 1, "component": "block_output"}``;
+    ``dim`` and ``rank`` are the defaults of its ``"dim"`` and ``"rank"``.
+    ``legacy`` uses pyvene ≤ 0.1.6 keys (dots) and 13-field representations (no ``latent_dim``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    reps, keys, counter = [], [], {}
+    for entry in entries:
+        layer, component = entry.get("layer", 1), entry.get("component", "block_output")
+        unit, nunit = entry.get("unit", "pos"), 1
+        if legacy:
+            proposal = (f"comp.{component}.unit.{unit}.nunit.{nunit}" if "." in component
+                        else f"layer.{layer}.comp.{component}.unit.{unit}.nunit.{nunit}")
+        else:
+            u = unit.replace(".", "_")
+            proposal = (f"comp_{component.replace('.', '_')}_unit_{u}_nunit_{nunit}" if "." in component
+                        else f"layer_{layer}_comp_{component}_unit_{u}_nunit_{nunit}")
+        counter[proposal] = counter.get(proposal, -1) + 1
+        key = f"{proposal}#{counter[proposal]}"
+        keys.append(key)
+        rep = [layer, component, unit, nunit, entry.get("rank", rank), None, None, None, None, None, None, None, None]
+        reps.append(rep if legacy else [*rep, None])
+        torch.save(entry["state"], folder / f"intkey_{key}.bin")
+    config = {
+        "intervention_constant_sources": [True] * len(entries),
+        "intervention_dimensions": [entry.get("dim", dim) for entry in entries],
+        "intervention_types": [f"<class '{entry.get('module', 'pyreft.interventions')}.{entry['class']}'>"
+                               for entry in entries],
+        "mode": "parallel",
+        "representations": reps,
+        "transformers_version": "5.23.0",
+    }
+    if sorted_keys:
+        config["sorted_keys"] = keys
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return keys

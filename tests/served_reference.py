@@ -17,6 +17,8 @@ or with another row's, cannot pass. Failures name the row and the size of the di
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from helpers import randomize
 
@@ -42,12 +44,14 @@ LONG_REQUEST = (
 ADAPTERS = ("default", "fl", "lofit", "l15")
 
 
-def save_test_adapters(folder) -> None:
+def save_test_adapters(folder, pyreft_copy=None) -> None:
     """Save the three test adapters of the offline SmolLM2 into ``folder``.
 
     ``default``: LoReFT rank 4 at "l1" on layer 15; ``fl``: LoReFT rank 2 at "f2+l2" on layers 4
     and 20; ``lofit``: LoFiT head offsets on every position (heads 0, 2, 5 of layer 3, head 1 of 12);
     ``l15``: another LoReFT at "l1" on layer 15 (stacked with ``default``, the order matters).
+    ``pyreft_copy``: also write ``default`` there as pyreft saves it (``W``, ``b`` and ``R`` as columns,
+    no positions).
     """
     from reftlib.offline import load_default_model
 
@@ -73,6 +77,17 @@ def save_test_adapters(folder) -> None:
         for name, param in reft_model.adapters["lofit"].named_parameters():
             param.mul_(8.0 if name.endswith("bias") else 1.0)
     reft_model.save_pretrained(folder)
+    if pyreft_copy is not None:
+        from collections import OrderedDict
+
+        from helpers import write_pyreft_folder
+
+        (loreft,) = reft_model.adapters["default"].values()
+        state = OrderedDict(weight=loreft.learned_source.weight.detach().clone(),
+                            bias=loreft.learned_source.bias.detach().clone(),
+                            rotate_layer=loreft.rotate_layer.weight.detach().T.contiguous())
+        write_pyreft_folder(Path(pyreft_copy), [{"class": "LoreftIntervention", "state": state, "layer": 15}],
+                            dim=576, rank=4)
 
 
 def load_reference(folder) -> reftlib.ReftModel:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_pyreft_folder as _write_pyreft_folder
 from tiny_models import HIDDEN, tiny_config, tiny_model
 from torch import nn
 
@@ -38,6 +39,11 @@ KINDS = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"]
 ROTATED = {"loreft", "direft", "consreft", "lobireft"}
 CLASS_NAMES = {v: k.rsplit(".", 1)[1] for k, v in PYREFT_INTERVENTION_TYPES.items()}
 RANK = 4
+
+
+def write_pyreft_folder(folder: Path, entries: list[dict], **kwargs) -> list[str]:
+    """:func:`helpers.write_pyreft_folder` with this module's hidden size and rank as defaults."""
+    return _write_pyreft_folder(folder, entries, dim=HIDDEN, rank=RANK, **kwargs)
 
 
 # --------------------------------------------------------------------------- pyreft's format, synthesized
@@ -109,45 +115,6 @@ def pyreft_formula(kind: str, ref: dict[str, torch.Tensor], x: torch.Tensor) -> 
     if kind == "consreft":
         return x + (ref["s"] - x @ ref["R"]) @ ref["R"].T
     return x + ref["s"] @ ref["R"].T  # lobireft
-
-
-def write_pyreft_folder(folder: Path, entries: list[dict], *, legacy: bool = False, sorted_keys: bool = True) -> list[str]:
-    """Write ``config.json`` + ``intkey_*.bin`` the way pyvene's ``IntervenableModel.save`` does.
-
-    Each entry: ``{"class": "LoreftIntervention", "state": {...}, "layer": 1, "component": "block_output"}``.
-    ``legacy`` uses pyvene ≤ 0.1.6 keys (dots) and 13-field representations (no ``latent_dim``).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    reps, keys, counter = [], [], {}
-    for entry in entries:
-        layer, component = entry.get("layer", 1), entry.get("component", "block_output")
-        unit, nunit = entry.get("unit", "pos"), 1
-        if legacy:
-            proposal = (f"comp.{component}.unit.{unit}.nunit.{nunit}" if "." in component
-                        else f"layer.{layer}.comp.{component}.unit.{unit}.nunit.{nunit}")
-        else:
-            u = unit.replace(".", "_")
-            proposal = (f"comp_{component.replace('.', '_')}_unit_{u}_nunit_{nunit}" if "." in component
-                        else f"layer_{layer}_comp_{component}_unit_{u}_nunit_{nunit}")
-        counter[proposal] = counter.get(proposal, -1) + 1
-        key = f"{proposal}#{counter[proposal]}"
-        keys.append(key)
-        rep = [layer, component, unit, nunit, entry.get("rank", RANK), None, None, None, None, None, None, None, None]
-        reps.append(rep if legacy else [*rep, None])
-        torch.save(entry["state"], folder / f"intkey_{key}.bin")
-    config = {
-        "intervention_constant_sources": [True] * len(entries),
-        "intervention_dimensions": [entry.get("dim", HIDDEN) for entry in entries],
-        "intervention_types": [f"<class '{entry.get('module', 'pyreft.interventions')}.{entry['class']}'>"
-                               for entry in entries],
-        "mode": "parallel",
-        "representations": reps,
-        "transformers_version": "5.23.0",
-    }
-    if sorted_keys:
-        config["sorted_keys"] = keys
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return keys
 
 
 def reference_logits(model, edits: list[tuple[nn.Module, str, callable, list[list[int]]]], ids: torch.Tensor):
@@ -295,24 +262,43 @@ def test_convert_pyreft_checkpoint(tmp_path):
 
 
 def test_convert_records_training_positions_and_serving_needs_them(tmp_path):
-    """pyreft does not save positions: a converted folder may record them, and serving refuses a raw
-    pyreft folder (it would act on every position) with the conversion to run."""
+    """pyreft does not save positions: a converted folder may record them; serving takes a raw pyreft
+    folder only with the positions given (else it would act on every position), and then builds
+    exactly what the converted folder gives."""
     from reftlib.errors import AdapterError, PositionError
-    from reftlib.serving.adapters import load_served_adapter
+    from reftlib.serving.adapters import load_served_adapter, load_served_adapters
 
     state, _ = pyreft_state("loreft", seed=2)
     src = tmp_path / "pyreft"
     write_pyreft_folder(src, [{"class": "LoreftIntervention", "state": state}])
     config = tiny_config("llama").to_dict()
-    with pytest.raises(AdapterError, match=r"convert_pyreft_checkpoint\(src, dst, positions="):
+    with pytest.raises(AdapterError, match=r"pyreft_positions=\{'emoji': 'f1\+l1'\}.*--pyreft-positions emoji=f1\+l1.*"
+                                           r"convert_pyreft_checkpoint\(src, dst, positions="):
         load_served_adapter("emoji", src, config)
     with pytest.raises(PositionError):
         convert_pyreft_checkpoint(src, tmp_path / "bad", positions="f1+q")
+    with pytest.raises(AdapterError, match=r"pyreft positions 'f1\+q'"):
+        load_served_adapter("emoji", src, config, pyreft_positions="f1+q")
     converted = convert_pyreft_checkpoint(src, tmp_path / "converted", positions="f1+l1")
     served = load_served_adapter("emoji", converted, config)
     assert [spec for _, spec in served.positions] == ["f1+l1"] and served.prompt_length_matters
+    assert served.source == (str(converted), None)
     reft_model = ReftModel.from_pretrained(converted, tiny_model("llama"))
     assert [rep.positions for rep in reft_model.reft_configs["default"].representations] == ["f1+l1"]
+
+    direct = load_served_adapter("emoji", src, config, pyreft_positions="f1+l1")
+    assert direct.positions == served.positions and direct.source == (str(src), "f1+l1")
+    for a, b in zip(direct.interventions, served.interventions, strict=True):
+        assert (a.key, a.layer, a.component) == (b.key, b.layer, b.component)
+        assert type(a.intervention) is type(b.intervention)
+        for (name_a, ta), (name_b, tb) in zip(a.intervention.state_dict().items(), b.intervention.state_dict().items(),
+                                              strict=True):
+            assert name_a == name_b and torch.equal(ta, tb)
+    with pytest.raises(AdapterError, match=r"records its own positions"):
+        load_served_adapter("emoji", converted, config, pyreft_positions="l1")
+    with pytest.raises(AdapterError, match=r"\['other'\], which are not among the adapters \['emoji'\]"):
+        load_served_adapters({"emoji": src}, config, {"other": "l1"})
+    assert load_served_adapters({"emoji": src}, config, {"emoji": "f1+l1"})["emoji"].positions == served.positions
 
 
 # --------------------------------------------------------------------------- errors

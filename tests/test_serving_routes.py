@@ -94,6 +94,10 @@ def test_parse_adapter_specs():
         parse_adapter_specs(["a=x", "a=y"])
     with pytest.raises(reftlib.InputError, match="stacks adapters"):
         parse_adapter_specs(["a+b=x"])
+    assert parse_adapter_specs(["a=f1+l1"], "--pyreft-positions", "emoji=f1+l1") == {"a": "f1+l1"}
+    with pytest.raises(reftlib.InputError, match=r"--pyreft-positions 'a': write NAME=VALUE, e\.g\. "
+                                                 r"--pyreft-positions emoji=f1\+l1"):
+        parse_adapter_specs(["a"], "--pyreft-positions", "emoji=f1+l1")
 
 
 # -- the ASGI middleware, with a stand-in for vLLM's app -----------------------------------------

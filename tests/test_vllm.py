@@ -44,13 +44,14 @@ def setup(tmp_path_factory):
     from reftlib.offline import default_model_path
 
     folder = tmp_path_factory.mktemp("adapters")
-    save_test_adapters(folder)
+    pyreft_folder = tmp_path_factory.mktemp("pyreft")
+    save_test_adapters(folder, pyreft_copy=pyreft_folder)
     reference = load_reference(folder)
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = ReftLLM(default_model_path(), adapters=dict.fromkeys(ADAPTERS, folder),
-                     dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
+    engine = ReftLLM(default_model_path(), adapters={**dict.fromkeys(ADAPTERS, folder), "pyreft": pyreft_folder},
+                     pyreft_positions={"pyreft": "l1"}, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
                      seed=0)
     yield engine, tokenizer, prompts, reference
     # vLLM shuts its engine process down from an atexit hook that logs to streams pytest has closed
@@ -58,8 +59,10 @@ def setup(tmp_path_factory):
     logging.raiseExceptions = False
 
 
-def _check_served(setup, rows: list[tuple[list[int], str | None]]) -> list[list[int]]:
-    """Serve ``rows`` (prompt, adapter) as one batch, check every row against the reference, return the tokens."""
+def _check_served(setup, rows: list[tuple[list[int], str | None]],
+                  reference_names: dict[str, str] | None = None) -> list[list[int]]:
+    """Serve ``rows`` (prompt, adapter) as one batch, check every row against the reference (whose adapter
+    ``reference_names.get(name, name)``), return the tokens."""
     engine, _, _, reference = setup
     params = vllm.SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=1)
     outs = engine.generate([p for p, _ in rows], params, adapters=[a for _, a in rows])
@@ -67,6 +70,8 @@ def _check_served(setup, rows: list[tuple[list[int], str | None]]) -> list[list[
     for row, ((prompt, adapter), out) in enumerate(zip(rows, outs)):
         tokens = list(out.outputs[0].token_ids)
         logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+        if isinstance(adapter, str) and reference_names:
+            adapter = reference_names.get(adapter, adapter)
         check_served(reference, prompt, adapter, tokens, logprobs, f"row {row}")
         served.append(tokens)
     return served
@@ -82,6 +87,16 @@ def test_adapter_matches_hf(setup, adapter):
     """LoReFT at "l1", LoReFT at "f2+l2" on two layers, LoFiT head offsets (every position)."""
     prompts = setup[2]
     _check_served(setup, [(p, adapter) for p in prompts])
+
+
+def test_raw_pyreft_checkpoint_is_served(setup):
+    """A folder saved by pyreft, served with the positions it was trained at (``pyreft_positions``),
+    computes what the reftlib adapter it was written from computes, next to that adapter and base rows."""
+    prompts = setup[2]
+    adapters = setup[0].adapters
+    assert [spec for _, spec in adapters["pyreft"].positions] == [spec for _, spec in adapters["default"].positions]
+    _check_served(setup, [(prompts[0], "pyreft"), (prompts[1], "pyreft"), (prompts[2], None), (prompts[3], "pyreft"),
+                          (prompts[0], "default")], reference_names={"pyreft": "default"})
 
 
 def test_stacked_adapters_match_hf(setup):

@@ -49,18 +49,23 @@ def _serve_command(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``(client, tokenizer, reference, adapter folder)`` for a running ``reftlib serve``."""
+    """``(client, tokenizer, reference, adapter folder, pyreft folder)`` for a running ``reftlib serve``.
+
+    It serves the test adapters and ``pyreft``: ``default`` saved as pyreft saves it, with
+    ``--pyreft-positions pyreft=l1``."""
     from transformers import AutoTokenizer
 
     from reftlib.offline import default_model_path
 
     folder = tmp_path_factory.mktemp("adapters")
-    save_test_adapters(folder)
+    pyreft_folder = tmp_path_factory.mktemp("pyreft")
+    save_test_adapters(folder, pyreft_copy=pyreft_folder)
     reference = load_reference(folder)
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     port = _free_port()
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+b")  # noqa: SIM115 (closed below)
     command = _serve_command(str(default_model_path()), *(f"--adapter={name}={folder}" for name in ADAPTERS),
+                             f"--adapter=pyreft={pyreft_folder}", "--pyreft-positions", "pyreft=l1",
                              "--served-model-name", BASE, "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
                              "--max-num-batched-tokens", "48", "--block-size", "32", "--seed", "0",
@@ -81,7 +86,7 @@ def server(tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"reftlib serve did not answer within {STARTUP_SECONDS} s")
                 time.sleep(2)
-        yield client, tokenizer, reference, folder
+        yield client, tokenizer, reference, folder, pyreft_folder
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
@@ -107,22 +112,23 @@ def _complete(client, model: str, prompt: list[int]) -> tuple[list[int], list[fl
 
 
 def _adapter(model: str):
-    """The reference's ``adapter_names`` entry for a served model name."""
-    return None if model == BASE else model.split("+") if "+" in model else model
+    """The reference's ``adapter_names`` entry for a served model name (``pyreft`` is ``default`` saved by pyreft)."""
+    return None if model == BASE else model.split("+") if "+" in model else "default" if model == "pyreft" else model
 
 
 def test_models_lists_base_and_adapters(server):
-    client, _, _, folder = server
+    client, _, _, folder, _ = server
     cards = {card.id: card for card in client.models.list().data}
-    assert list(cards) == [BASE, *ADAPTERS]
+    assert list(cards) == [BASE, *ADAPTERS, "pyreft"]
     for name in ADAPTERS:
         assert cards[name].parent == BASE
         assert cards[name].root.startswith(str(folder))
+    assert cards["pyreft"].root == str(server[4])
 
 
-@pytest.mark.parametrize("model", [BASE, *ADAPTERS, "lofit+default"])
+@pytest.mark.parametrize("model", [BASE, *ADAPTERS, "lofit+default", "pyreft"])
 def test_completions_select_the_adapter_by_name(server, model):
-    client, tokenizer, reference, _ = server
+    client, tokenizer, reference, *_ = server
     for row, question in enumerate(QUESTIONS[:2]):
         prompt = chat_prompt(tokenizer, question)
         tokens, logprobs = _complete(client, model, prompt)
@@ -136,7 +142,7 @@ def _chat_tokens(choice_logprobs) -> tuple[list[int], list[float]]:
 
 def test_chat_streaming_and_not(server):
     """Chat requests are templated by vLLM as reftlib's tokenizer does; streamed deltas add up to the answer."""
-    client, tokenizer, reference, _ = server
+    client, tokenizer, reference, *_ = server
     messages = [{"role": "user", "content": QUESTIONS[2]}]
     prompt = chat_prompt(tokenizer, QUESTIONS[2])
     kwargs = dict(model="lofit", messages=messages, max_tokens=MAX_NEW, temperature=0.0, logprobs=True,
@@ -178,7 +184,7 @@ def test_adapter_argument_from_the_client_is_refused(server):
 
 def test_concurrent_requests_answer_as_one_by_one(server):
     """Eight requests with different adapters at once share the engine's batches; each gets its answer."""
-    client, tokenizer, reference, _ = server
+    client, tokenizer, reference, *_ = server
     rows = [(chat_prompt(tokenizer, QUESTIONS[i % 4]), model)
             for i, model in enumerate([BASE, "default", "lofit", "fl", "lofit", BASE, "fl", "default"])]
     one_by_one = [_complete(client, model, prompt) for prompt, model in rows]
@@ -198,7 +204,7 @@ def test_prefix_cache_rule(server):
     (the shorter prompt's last token, in the third block, was edited; in the longer prompt it is
     not), so the server salts those blocks apart. Each answer must be its own adapter's.
     """
-    client, tokenizer, reference, _ = server
+    client, tokenizer, reference, *_ = server
     longer = chat_prompt(tokenizer, LONG_REQUEST)
     short = longer[:96]  # block size 32: three full blocks, the last one holding the "l1" token
     assert len(longer) >= len(short) + 16
@@ -214,7 +220,7 @@ def test_adapters_that_cannot_be_served_are_refused_at_startup(server, tmp_path)
     import reftlib
     from reftlib.offline import default_model_path, load_default_model
 
-    folder = server[3]
+    folder, pyreft_folder = server[3], server[4]
     model, _ = load_default_model(dtype=torch.float32)
     reftlib.get_reft_model(model, {"layer": 2, "component": "mlp_output", "low_rank_dimension": 2},
                            set_device=False).save_pretrained(tmp_path / "mlp")
@@ -224,6 +230,9 @@ def test_adapters_that_cannot_be_served_are_refused_at_startup(server, tmp_path)
         (["--adapter", "no-path"], "NAME=PATH"),
         (["--adapter", f"{BASE}={folder / 'lofit'}", "--served-model-name", BASE], "served name"),
         (["--adapter", f"lofit={folder}", "--tensor-parallel-size", "2"], "tensor-parallel-size 1"),
+        (["--adapter", f"x={pyreft_folder}"], "--pyreft-positions x=f1+l1"),
+        (["--adapter", f"x={pyreft_folder}", "--pyreft-positions", "y=l1"], "not among the adapters"),
+        (["--adapter", f"x={pyreft_folder}", "--pyreft-positions", "x=q1"], "pyreft positions 'q1'"),
     ]
     for args, expected in cases:
         done = subprocess.run(_serve_command(str(default_model_path()), *args), capture_output=True, text=True,

@@ -336,7 +336,8 @@ def _percent(metric: Mapping[str, Any]) -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serving.server import parse_adapter_specs, serve  # vLLM is optional: imported when serving
 
-    serve(args.model, parse_adapter_specs(args.adapter or []), args.vllm_args)
+    positions = parse_adapter_specs(args.pyreft_positions or [], "--pyreft-positions", "emoji=f1+l1")
+    serve(args.model, parse_adapter_specs(args.adapter or []), args.vllm_args, pyreft_positions=positions)
     return 0
 
 
@@ -575,7 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     served.add_argument("model", metavar="MODEL", help="the base model: a local folder or a Hub id vLLM can load")
     served.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
-                        help="serve the adapter saved in FOLDER under NAME (repeatable)")
+                        help="serve the adapter saved in FOLDER under NAME (repeatable); FOLDER may be a Hub id "
+                             "or a pyreft checkpoint (then give --pyreft-positions)")
+    served.add_argument("--pyreft-positions", action="append", metavar="NAME=SPEC",
+                        help="the positions adapter NAME's pyreft checkpoint was trained at, e.g. emoji=f1+l1 "
+                             "(pyreft does not save them; repeatable)")
     served.set_defaults(handler=_cmd_serve, vllm_args=[])
     return parser
 

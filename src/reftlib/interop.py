@@ -23,8 +23,13 @@ from .config import DEFAULT_ADAPTER, ReftConfig, intervention_from_config
 from .errors import CheckpointError, ReftConfigError
 from .io import attach_adapter, write_adapter_files
 from .model import ReftModel
-from .positions import parse_position_spec
-from .pyreft_format import PYREFT_COMPONENTS, PYREFT_INTERVENTION_TYPES, is_pyreft_folder, read_pyreft_folder
+from .pyreft_format import (
+    PYREFT_COMPONENTS,
+    PYREFT_INTERVENTION_TYPES,
+    is_pyreft_folder,
+    read_pyreft_folder,
+    with_positions,
+)
 
 __all__ = [
     "PYREFT_COMPONENTS",
@@ -67,8 +72,7 @@ def convert_pyreft_checkpoint(
     src, dst = Path(src_dir), Path(dst_dir)
     config, tensors = read_pyreft_folder(src, dtype=dtype, act_fn=act_fn)
     if positions is not None:
-        parse_position_spec(positions)  # a PositionError names a malformed spec
-        config["representations"] = [{**rep, "positions": positions} for rep in config["representations"]]
+        config = with_positions(config, positions)  # a PositionError names a malformed spec
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a folder; choose another destination")
     if model is not None:

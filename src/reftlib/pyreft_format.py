@@ -48,6 +48,7 @@ from .errors import CheckpointError, ReftConfigError
 from .interventions.base import dtype_from_name, dtype_name, intervention_class
 from .interventions.loreft import activation
 from .interventions.pyreft_state import BOOKKEEPING_KEYS
+from .positions import parse_position_spec
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,17 @@ _REPRESENTATION_FIELDS = (
 
 
 # --------------------------------------------------------------------------- detection
+def with_positions(config: Mapping[str, Any], positions: str) -> dict[str, Any]:
+    """``config`` (a pyreft folder's, from :func:`read_pyreft_folder`) with ``positions`` recorded for every
+    intervention: pyreft does not save the token positions an intervention was trained at.
+
+    Raises:
+        PositionError: ``positions`` is not a position spec (e.g. ``"f1+l1"``).
+    """
+    parse_position_spec(positions)
+    return {**config, "representations": [{**rep, "positions": positions} for rep in config["representations"]]}
+
+
 def is_pyreft_folder(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` looks like a pyreft/pyvene save (``config.json`` + ``intkey_*.bin``)."""
     directory = Path(directory)

@@ -27,7 +27,7 @@ from .adapters import (
     SERVED_COMPONENTS,
     SERVED_MODEL_TYPES,
     ServedAdapter,
-    load_served_adapter,
+    load_served_adapters,
     read_model_config,
 )
 from .vllm_backend import ADAPTER_ARG, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version, shutdown_engine
@@ -70,10 +70,13 @@ class ReftLLM:
         model: the base model (a local folder or a Hub id vLLM can load). Its ``config.json`` must
             describe a model type in :data:`SERVED_MODEL_TYPES`.
         adapters: ``{name: folder}``: folders written by ``ReftModel.save_pretrained`` (a folder
-            holding several adapters serves the one saved under ``name``). Every adapter is built
+            holding several adapters serves the one saved under ``name``), Hub repo ids, or folders
+            written by pyreft's ``ReftModel.save`` (with ``pyreft_positions``). Every adapter is built
             and checked in this process first, so one that cannot be served (a component other than
             :data:`SERVED_COMPONENTS`, a classification head, a model it does not fit) is refused
             with :class:`~reftlib.errors.AdapterError` before the engine starts.
+        pyreft_positions: ``{name: spec}`` for each pyreft folder among ``adapters``: the token positions
+            its interventions were trained at (e.g. ``"f1+l1"``), which pyreft does not save.
         **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``max_num_seqs``, ...).
             ``enforce_eager`` is forced to ``True`` and ``worker_extension_cls`` is set.
 
@@ -84,8 +87,8 @@ class ReftLLM:
         AdapterError: an adapter cannot be served.
     """
 
-    def __init__(self, model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None,
-                 **llm_kwargs: Any) -> None:
+    def __init__(self, model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None, *,
+                 pyreft_positions: Mapping[str, str] | None = None, **llm_kwargs: Any) -> None:
         check_vllm_version()
         for key, value in _FORCED.items():
             if key in llm_kwargs and llm_kwargs[key] != value:
@@ -94,15 +97,13 @@ class ReftLLM:
             if llm_kwargs.get(key, 1) != 1:
                 raise ReftError(f"ReftLLM serves adapters with {key}=1 only, got {llm_kwargs[key]}")
         self.model_config = read_model_config(model)
-        self.adapters: dict[str, ServedAdapter] = {
-            name: load_served_adapter(name, folder, self.model_config) for name, folder in (adapters or {}).items()
-        }
+        self.adapters = load_served_adapters(adapters or {}, self.model_config, pyreft_positions)
         from vllm import LLM  # deferred: importing reftlib.serving must not need vLLM
 
         self.llm = LLM(model=str(model), **{**llm_kwargs, **_FORCED})
         if self.adapters:
-            folders = {name: adapter.folder for name, adapter in self.adapters.items()}
-            self.llm.collective_rpc("reft_load_adapters", args=(folders, self.model_config))
+            sources = {name: adapter.source for name, adapter in self.adapters.items()}
+            self.llm.collective_rpc("reft_load_adapters", args=(sources, self.model_config))
 
     def shutdown(self) -> None:
         """Stop the engine's processes now (they also stop when this object is collected or at exit)."""

@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from ..config import ReftConfig
-from ..errors import AdapterError, CheckpointError, ReftConfigError
+from ..errors import AdapterError, CheckpointError, PositionError, ReftConfigError
 from ..folders import read_adapter, saved_adapters
 from ..hub import resolve_folder
 from ..interventions import Intervention
 from ..io import split_extra, state_dict_mismatch
 from ..plan import AdapterSpecs, CallPlan, build_plan, mask_from_lengths
-from ..pyreft_format import is_pyreft_folder
+from ..pyreft_format import is_pyreft_folder, with_positions
 
 #: Components a served adapter may use, and what each means inside the engine's model.
 SERVED_COMPONENTS = ("block_output", "head_output")
@@ -60,6 +60,12 @@ class ServedAdapter:
     folder: str
     interventions: tuple[ServedIntervention, ...]
     positions: tuple[tuple[str, str | None], ...]  # (key, configured position spec or None), config order
+    pyreft_positions: str | None = None  # the positions given for a pyreft folder (it records none)
+
+    @property
+    def source(self) -> tuple[str, str | None]:
+        """``(folder, pyreft_positions)``: what rebuilds this adapter elsewhere (the engine's workers)."""
+        return self.folder, self.pyreft_positions
 
     @property
     def specs(self) -> AdapterSpecs:
@@ -116,25 +122,45 @@ def resolve_adapter_folder(name: str, folder: str | os.PathLike) -> Path:
     )
 
 
-def load_served_adapter(name: str, folder: str | os.PathLike, model_config: Mapping[str, Any]) -> ServedAdapter:
+def load_served_adapter(name: str, folder: str | os.PathLike, model_config: Mapping[str, Any], *,
+                        pyreft_positions: str | None = None) -> ServedAdapter:
     """Build adapter ``name`` saved in ``folder`` (a local folder or a Hub repo id) for a model with this ``config.json``.
+
+    ``folder`` is a folder written by ``ReftModel.save_pretrained`` or by pyreft's ``ReftModel.save``.
+    pyreft does not save the token positions its interventions were trained at, so a pyreft folder
+    needs ``pyreft_positions`` (e.g. ``"f1+l1"``, recorded for every intervention, as
+    :func:`reftlib.interop.convert_pyreft_checkpoint` does); a reftlib folder records its own.
 
     Raises:
         AdapterError: the adapter cannot be served (a component other than :data:`SERVED_COMPONENTS`,
-            a module path, a stacked classification head, a layer the model lacks, another model type).
+            a module path, a stacked classification head, a layer the model lacks, another model type),
+            or a pyreft folder comes without positions (or a reftlib folder with them).
         CheckpointError: the folder is not a saved adapter, or its tensors do not fit the config.
     """
     check_served_model(model_config)
     root = resolve_folder(folder)  # a local folder, or a Hub repo id (snapshot, from the cache when offline)
     if is_pyreft_folder(root):
-        raise AdapterError(
-            f"{root} is a pyreft checkpoint, which does not record the token positions its interventions were "
-            "trained at; convert it once with reftlib.interop.convert_pyreft_checkpoint(src, dst, "
-            "positions='f1+l1') (the positions used in training) and serve dst"
-        )
-    directory = resolve_adapter_folder(name, root)
+        if pyreft_positions is None:
+            raise AdapterError(
+                f"adapter {name!r}: {root} is a pyreft checkpoint, which does not record the token positions its "
+                "interventions were trained at; give the positions used in training, e.g. "
+                f"ReftLLM(..., pyreft_positions={{{name!r}: 'f1+l1'}}) or `reftlib serve ... --pyreft-positions "
+                f"{name}=f1+l1`, or convert it once with reftlib.interop.convert_pyreft_checkpoint(src, dst, "
+                "positions='f1+l1') and serve dst"
+            )
+        directory = root
+    elif pyreft_positions is not None:
+        raise AdapterError(f"adapter {name!r}: pyreft positions {pyreft_positions!r} were given, but {root} is a reftlib "
+                           "adapter, which records its own positions; drop them")
+    else:
+        directory = resolve_adapter_folder(name, root)
     config_dict, tensors = read_adapter(directory)
     config_dict = dict(config_dict)
+    if pyreft_positions is not None:
+        try:
+            config_dict = with_positions(config_dict, pyreft_positions)
+        except PositionError as exc:
+            raise AdapterError(f"adapter {name!r}: pyreft positions {pyreft_positions!r}: {exc}") from None
     if config_dict.pop("extra", None) is not None:
         raise AdapterError(f"{directory} carries extra model state (e.g. a classification head), which serving "
                            "cannot run; serve only generation adapters")
@@ -183,7 +209,20 @@ def load_served_adapter(name: str, folder: str | os.PathLike, model_config: Mapp
         raise CheckpointError(f"{directory}: {problem}")
     modules.load_state_dict(dict(tensors), strict=True)
     modules.eval().requires_grad_(False)
-    return ServedAdapter(name, str(directory), tuple(served), tuple(positions))
+    return ServedAdapter(name, str(directory), tuple(served), tuple(positions), pyreft_positions)
+
+
+def load_served_adapters(adapters: Mapping[str, str | os.PathLike], model_config: Mapping[str, Any],
+                         pyreft_positions: Mapping[str, str] | None = None) -> dict[str, ServedAdapter]:
+    """``{name: folder}`` adapters built by :func:`load_served_adapter`, ``pyreft_positions[name]`` given to
+    the pyreft folders; positions for a name that is not among ``adapters`` are refused."""
+    pyreft_positions = dict(pyreft_positions or {})
+    unknown = sorted(set(pyreft_positions) - set(adapters))
+    if unknown:
+        raise AdapterError(f"pyreft positions were given for {unknown}, which are not among the adapters "
+                           f"{sorted(adapters)}; name the adapter as in adapters (--adapter NAME=FOLDER)")
+    return {name: load_served_adapter(name, folder, model_config, pyreft_positions=pyreft_positions.get(name))
+            for name, folder in adapters.items()}
 
 
 def flat_edit_indices(plan: CallPlan, key: str, start: int, count: int, prompt_length: int) -> torch.Tensor | None:

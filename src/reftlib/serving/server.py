@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AdapterError, InputError, RequestRefusedError
-from .adapters import ServedAdapter, load_served_adapter, read_model_config
+from .adapters import ServedAdapter, load_served_adapters, read_model_config
 from .vllm_backend import ADAPTER_ARG, check_vllm_version, run_openai_server, server_arguments
 
 __all__ = ["ROUTED_PATHS", "AdapterRouter", "ServerRoutes", "parse_adapter_specs", "route_request", "serve"]
@@ -83,19 +83,23 @@ class ServerRoutes:
         return [self.adapters[name] for name in names]
 
 
-def parse_adapter_specs(specs: Sequence[str]) -> dict[str, str]:
-    """``["NAME=PATH", ...]`` -> ``{NAME: PATH}``, refusing malformed or repeated names."""
+def parse_adapter_specs(specs: Sequence[str], option: str = "--adapter", example: str = "emoji=runs/emoji") -> dict[str, str]:
+    """``["NAME=VALUE", ...]`` -> ``{NAME: VALUE}``, refusing malformed or repeated names.
+
+    ``option`` and ``example`` name the command-line option in the errors (``--pyreft-positions`` uses it too).
+    """
     adapters: dict[str, str] = {}
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise InputError(f"--adapter {spec!r}: write NAME=PATH, e.g. --adapter emoji=runs/emoji")
+        name, sep, value = spec.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise InputError(f"{option} {spec!r}: write NAME={'PATH' if option == '--adapter' else 'VALUE'}, "
+                             f"e.g. {option} {example}")
         if name in adapters:
-            raise InputError(f"--adapter: the name {name!r} is given twice; give each adapter its own name")
+            raise InputError(f"{option}: the name {name!r} is given twice; give each adapter its own name")
         if "+" in name:
-            raise InputError(f"--adapter {spec!r}: '+' stacks adapters in a request's model name; rename the adapter")
-        adapters[name] = path
+            raise InputError(f"{option} {spec!r}: '+' stacks adapters in a request's model name; rename the adapter")
+        adapters[name] = value
     return adapters
 
 
@@ -238,17 +242,19 @@ async def _send_json(send: Send, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def serve(model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], vllm_args: Sequence[str] = ()) -> None:
+def serve(model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], vllm_args: Sequence[str] = (), *,
+          pyreft_positions: Mapping[str, str] | None = None) -> None:
     """Run vLLM's OpenAI-compatible server for ``model`` with ``{name: folder}`` adapters (blocks until stopped).
 
     ``vllm_args`` are ``vllm serve`` options (``--port``, ``--dtype``, ``--max-model-len``, ...).
+    ``pyreft_positions`` gives ``{name: spec}`` for adapters saved by pyreft, which records no positions.
     Every adapter is built and checked here first, so one that cannot be served is refused with
     :class:`~reftlib.errors.AdapterError` before the engine starts; so are settings the hooks cannot
     work under (:func:`reftlib.serving.vllm_backend.server_arguments`).
     """
     check_vllm_version()
     model_config = read_model_config(model)
-    served = {name: load_served_adapter(name, folder, model_config) for name, folder in adapters.items()}
+    served = load_served_adapters(adapters, model_config, pyreft_positions)
     args = server_arguments(str(model), vllm_args, middleware=f"{__name__}.AdapterRouter")
     base_names = tuple(args.served_model_name or [args.model])
     clash = sorted(set(base_names) & set(served))
@@ -256,6 +262,6 @@ def serve(model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], v
         raise AdapterError(f"adapter names {clash} are also the base model's served name; rename the adapters")
     set_server_routes(ServerRoutes(base_names=base_names, adapters=served))
     try:
-        run_openai_server(args, {name: adapter.folder for name, adapter in served.items()}, model_config)
+        run_openai_server(args, {name: adapter.source for name, adapter in served.items()}, model_config)
     finally:
         set_server_routes(None)

@@ -110,12 +110,15 @@ class ReftWorkerExtension:
     the model. ``self`` is vLLM's worker: ``self.model_runner`` runs the model.
     """
 
-    def reft_load_adapters(self, adapters: Mapping[str, str], model_config: Mapping[str, Any]) -> list[str]:
-        """Build ``{name: folder}`` adapters for a model with this ``config.json`` and hook them in."""
+    def reft_load_adapters(self, adapters: Mapping[str, Sequence[str | None]],
+                           model_config: Mapping[str, Any]) -> list[str]:
+        """Build ``{name: (folder, pyreft_positions)}`` adapters (:attr:`ServedAdapter.source`) for a model with
+        this ``config.json`` and hook them in."""
         check_vllm_version()
         runner = self.model_runner  # type: ignore[attr-defined]
         _check_runner(runner)
-        built = {name: load_served_adapter(name, folder, model_config) for name, folder in adapters.items()}
+        built = {name: load_served_adapter(name, folder, model_config, pyreft_positions=positions)
+                 for name, (folder, positions) in adapters.items()}
         if not hasattr(self, "_reft_adapters"):
             self._reft_adapters: dict[str, ServedAdapter] = {}
             self._reft_plans: dict[tuple[str, int], Any] = {}
@@ -283,8 +286,10 @@ def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str) -
     return args
 
 
-def run_openai_server(args: argparse.Namespace, folders: Mapping[str, str], model_config: Mapping[str, Any]) -> None:
-    """Start vLLM's OpenAI-compatible server, load the adapters into its workers, serve until stopped."""
+def run_openai_server(args: argparse.Namespace, sources: Mapping[str, Sequence[str | None]],
+                      model_config: Mapping[str, Any]) -> None:
+    """Start vLLM's OpenAI-compatible server, load the ``{name: (folder, pyreft_positions)}`` adapters into its
+    workers, serve until stopped."""
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client
     from vllm.entrypoints.launchers.launcher import setup_server
@@ -295,8 +300,8 @@ def run_openai_server(args: argparse.Namespace, folders: Mapping[str, str], mode
     async def run() -> None:
         listen_address, sock = setup_server(args, reuse_port=False)
         async with build_async_engine_client(args) as engine:
-            if folders:
-                loaded = await engine.collective_rpc("reft_load_adapters", args=(dict(folders), dict(model_config)))
+            if sources:
+                loaded = await engine.collective_rpc("reft_load_adapters", args=(dict(sources), dict(model_config)))
                 logger.info("reftlib adapters loaded: %s", loaded[0] if loaded else [])
             shutdown = await build_and_serve(engine, listen_address, sock, args)
         try:
