@@ -13,7 +13,7 @@ runs), repeated for each seed; the base model is scored once per task.
 
 ``python benchmarks/lofit_ablation.py`` runs the full configuration (TruthfulQA: all 326 train / 409
 test questions; CLUTRR: 512 train / 450 test examples, the settings of ``lofit_truthfulqa.py`` and
-``lofit_clutrr.py``; seeds 42 and 43: many hours on a CPU, use ``--device cuda``). ``--quick`` runs a
+``lofit_exact_match.py``; seeds 42 and 43: many hours on a CPU, use ``--device cuda``). ``--quick`` runs a
 small configuration (16 training examples, 24 test examples per task, 1 + 2 epochs). The table goes
 into ``docs/lofit_results.md`` (section ``ablation``).
 """

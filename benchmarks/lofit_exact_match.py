@@ -1,12 +1,20 @@
-"""LoFiT on CLUTRR with SmolLM2-135M-Instruct: base model vs LoFiT (3 %, 10 % of heads), LoReFT, LoRA.
+"""LoFiT on the exact-match tasks, CLUTRR and MQuAKE, with SmolLM2-135M-Instruct: base model vs LoFiT
+(3 %, 10 % of heads), LoReFT, LoRA.
 
 Every method is trained with the same supervised objective, next-token cross-entropy on the
-answer (``" " + relation`` followed by EOS; labels ``-100`` on the prompt), on the same subset
-of the CLUTRR *train* split (drawn with a fixed seed), and evaluated by exact match of the greedy
-answer (:func:`reftlib.evaluation.exact_match_generate`: text up to the first newline, stripped,
-case-insensitive as in LoFiT's scripts) on the *test* split (``--eval-split val`` for tuning).
+answer (``" " + answer`` followed by EOS; labels ``-100`` on the prompt), on the same examples of
+the task's *train* split, and evaluated by exact match of the greedy answer
+(:func:`reftlib.lofit.evaluate_task`: text up to the first newline, stripped, case-insensitive as
+in LoFiT's scripts; MQuAKE also accepts the answer's aliases) on the *test* split (``--eval-split
+val`` for tuning). The examples are :func:`reftlib.lofit.load_task_data`'s, what ``reftlib lofit
+TASK`` trains on:
 
-* **LoFiT**: :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit clutrr`` runs):
+* **CLUTRR**: ``(story + question, " " + relation)``; all 3,151 training examples, 450 test examples.
+* **MQuAKE-CF**: ``(edit + first question, " " + new answer)``; all 134 training cases, 864 test cases.
+
+Methods:
+
+* **LoFiT**: :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit TASK`` runs):
   :func:`reftlib.lofit.select_heads` once (cross-entropy + L1), then :func:`reftlib.lofit.tune_offsets`
   on the top 3 % and 10 % heads; evaluated with the offsets at every token, also generated ones.
 * **LoReFT**: rank 4 at ``block_output`` of layer 15, last prompt token, trained with
@@ -14,15 +22,15 @@ case-insensitive as in LoFiT's scripts) on the *test* split (``--eval-split val`
 * **LoRA**: PEFT ``r=8, alpha=16`` on ``q_proj``/``v_proj``, trained with ``transformers.Trainer``
   on the same tokenized examples (the model's own causal-LM loss: the same cross-entropy).
 
-``python benchmarks/lofit_clutrr.py`` (512 train / 450 test examples) or ``--quick`` (64 train /
-100 test). Results go into ``docs/lofit_results.md`` (section ``clutrr``).
+``python benchmarks/lofit_exact_match.py --task clutrr|mquake`` (the full configuration) or with
+``--quick`` (64 train / 100 test examples). Results go into ``docs/lofit_results.md`` (section
+``clutrr`` or ``mquake``) and, as JSON, to ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -47,39 +55,48 @@ from lofit_truthfulqa import (
 )
 
 import reftlib
-from reftlib.evaluation import clutrr_sft_examples, load_clutrr
-from reftlib.lofit import evaluate_task, make_sft_dataset
+from reftlib.lofit import evaluate_task, get_task_spec, load_task_data, make_sft_dataset
 from reftlib.lofit._fit import training_arguments
 from reftlib.offline import load_default_model
 from reftlib.training import ReftDataCollator, ReftTrainerForCausalLM
 
 
-def default_settings(quick: bool) -> dict[str, Any]:
-    """Every hyperparameter of the run."""
+def default_settings(task: str, quick: bool) -> dict[str, Any]:
+    """Every hyperparameter of the run (the task's defaults, ``reftlib.lofit.get_task_spec``)."""
+    spec = get_task_spec(task)
     return {
-        "train_examples": 64 if quick else 512,
-        "eval_examples": 100 if quick else None,  # None = all 450
+        "train_examples": 64 if quick else None,  # None = all (CLUTRR 3,151, MQuAKE 134)
+        "eval_examples": 100 if quick else None,  # None = all (CLUTRR 450, MQuAKE 864 test)
         "batch_size": 8,
-        "max_new_tokens": 8,
-        "select": {"epochs": 2, "lr": 5e-3, "l1": 1e-3},
-        "lofit": {"epochs": 3, "lr": 2e-2, "fractions": [0.03, 0.10]},  # not tuned: the paper's upper end
+        "max_new_tokens": spec.max_new_tokens,
+        "select": {"epochs": spec.select_epochs, "lr": spec.select_lr, "l1": spec.l1},
+        "lofit": {"epochs": spec.epochs, "lr": spec.lr, "fractions": [0.03, 0.10]},  # not tuned: the paper's upper end
         "loreft": {"epochs": 3, "lr": 1e-2, "rank": 4, "layer": 15},
         "lora": {"epochs": 3, "lr": 5e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
         "seed": 42,
     }
 
 
-def evaluate(model: Any, tokenizer, rows, settings) -> dict[str, Any]:
-    out = evaluate_task("clutrr", model, tokenizer, rows, max_new_tokens=settings["max_new_tokens"], progress=False)
-    return scores_of(out["metrics"], out["per_example"], out["n"], out["eval_s"], rows)
+def references(task: str, row: Any) -> list[str]:
+    """The answers a prediction may match (MQuAKE: the new answer and its aliases)."""
+    return [row.answer, *row.aliases] if task == "mquake" else [row.target]
 
 
-def scores_of(metrics, per_example, n, eval_s, rows) -> dict[str, Any]:
-    """The table's columns from :func:`reftlib.lofit.evaluate_task`'s output (``lenient``: a final period allowed)."""
+def evaluate(task: str, model: Any, tokenizer, rows, settings) -> dict[str, Any]:
+    out = evaluate_task(task, model, tokenizer, rows, max_new_tokens=settings["max_new_tokens"], progress=False)
+    return scores_of(task, out["metrics"], out["per_example"], out["eval_s"], rows)
+
+
+def scores_of(task: str, metrics, per_example, eval_s, rows) -> dict[str, Any]:
+    """The table's columns from :func:`reftlib.lofit.evaluate_task`'s output (``lenient``: a final period allowed),
+    with the standard error and each example's result (for paired comparisons)."""
     predictions = [e["prediction"] for e in per_example]
-    lenient = [p.rstrip(".").strip().lower() == r.target.lower() for p, r in zip(predictions, rows)]
-    return {"accuracy": metrics["exact_match"]["value"], "lenient": sum(lenient) / len(lenient), "n": n,
-            "eval_s": eval_s, "examples": list(zip(predictions[:5], [r.target for r in rows[:5]]))}
+    lenient = [p.rstrip(".").strip().lower() in {a.lower() for a in references(task, r)}
+               for p, r in zip(predictions, rows)]
+    return {"accuracy": metrics["exact_match"]["value"], "accuracy_se": metrics["exact_match"]["stderr"],
+            "lenient": sum(lenient) / len(lenient), "n": metrics["exact_match"]["n"], "eval_s": eval_s,
+            "per_example": [bool(e["correct"]) for e in per_example],
+            "examples": list(zip(predictions[:5], [references(task, r)[0] for r in rows[:5]]))}
 
 
 def train(trainer_cls, model, tokenizer, dataset, cfg, settings, quiet) -> float:
@@ -94,20 +111,20 @@ def train(trainer_cls, model, tokenizer, dataset, cfg, settings, quiet) -> float
 
 
 def run_lofit(rows, settings, args) -> list[dict[str, Any]]:
-    """LoFiT with :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit clutrr`` runs), both K."""
+    """LoFiT with :func:`reftlib.lofit.run_lofit_task` (what ``reftlib lofit TASK`` runs), both K."""
     model, _ = load_default_model()
     results = []
-    for out, chosen in lofit_runs("clutrr", settings, args, settings["train_examples"], settings["eval_examples"]):
+    for out, chosen in lofit_runs(args.task, settings, args, settings["train_examples"], settings["eval_examples"]):
         select_s = results[0]["select_s"] if results else out["timing"]["select_s"]
         results.append({"method": f"LoFiT ({round(out['heads']['fraction'] * 100)}% = {chosen.k} heads)",
                         "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
                         "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
-                        **scores_of(out["metrics"], out["per_example"], out["n_eval"], out["timing"]["eval_s"], rows)})
-        log(f"{results[-1]}")
+                        **scores_of(args.task, out["metrics"], out["per_example"], out["timing"]["eval_s"], rows)})
+        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
     return results
 
 
-def run_loreft(tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
+def run_loreft(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
     model, _ = load_default_model()
     cfg = settings["loreft"]
     torch.manual_seed(settings["seed"])
@@ -119,10 +136,10 @@ def run_loreft(tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
     reft_model.eval()
     return {"method": f"LoReFT (rank {cfg['rank']}, layer {cfg['layer']}, last prompt token)",
             "params": reft_model.count_parameters(), "train_s": train_s,
-            **evaluate(reft_model, tokenizer, rows, settings)}
+            **evaluate(task, reft_model, tokenizer, rows, settings)}
 
 
-def run_lora(tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
+def run_lora(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
     import peft
 
     model, _ = load_default_model()
@@ -134,54 +151,60 @@ def run_lora(tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
     train_s = train(Trainer, lora, tokenizer, dataset, cfg, settings, quiet)
     lora.eval()
     return {"method": f"LoRA (r={cfg['r']}, {'/'.join(cfg['targets'])})", "params": count_trainable(lora),
-            "train_s": train_s, **evaluate(lora, tokenizer, rows, settings)}
+            "train_s": train_s, **evaluate(task, lora, tokenizer, rows, settings)}
 
 
 def report(results, settings, info, args) -> str:
     base = results[0]
+    spec = get_task_spec(args.task)
     rows = []
     for r in results:
         delta = "" if r is base else f" ({100 * (r['accuracy'] - base['accuracy']):+.1f})"
+        se = f" ± {100 * r['accuracy_se']:.1f}" if r.get("accuracy_se") is not None else ""
         train = "-" if r is base else f"{r['train_s'] / 60:.1f} min"
         if "select_s" in r:
             train += f" (incl. {r['select_s'] / 60:.1f} min shared head selection)"
-        rows.append([r["method"], f"{100 * r['accuracy']:.1f}{delta}", f"{100 * r['lenient']:.1f}",
+        rows.append([r["method"], f"{100 * r['accuracy']:.1f}{se}{delta}", f"{100 * r['lenient']:.1f}",
                      "0" if r is base else f"{r['params']:,}", train, f"{r['eval_s'] / 60:.1f} min"])
     s = settings
-    table = markdown_table(["method", f"exact match % ({args.eval_split}, n={base['n']})",
+    table = markdown_table(["method", f"exact match % ({args.eval_split}, n={base['n']}) ± SE",
                             "ignoring a final period %", "trainable params", "train wall time", "eval wall time"],
                            rows)
+    what = {"clutrr": ("CLUTRR train examples", "`\" \" + relation`", "the relation"),
+            "mquake": ("MQuAKE-CF train cases (the requested edit + the first question)", "`\" \" + new answer`",
+                       "the new answer or one of its aliases")}[args.task]
+    subset = "all" if s["train_examples"] is None else f"drawn with seed {s['seed']}"
     return "\n".join([
-        f"### CLUTRR, SmolLM2-135M-Instruct{' (quick run)' if args.quick else ''}",
+        f"### {spec.title}, SmolLM2-135M-Instruct{' (quick run)' if args.quick else ' (full configuration)'}",
         "",
         table,
         "",
         f"Machine: {describe_machine(info)}",
         "",
-        f"Settings (`{command_line('lofit_clutrr.py', args)}`):",
+        f"Settings (`{command_line('lofit_exact_match.py', args)}`):",
         "",
-        f"* Training data: {s['n_train']} CLUTRR train examples (drawn with seed {s['seed']}), supervised "
-        "cross-entropy on `\" \" + relation` + EOS for every method; batch "
-        f"{s['batch_size']}, AdamW, linear decay, no weight decay.",
+        f"* Training data: {s['n_train']} {what[0]} ({subset}), supervised cross-entropy on {what[1]} + EOS for "
+        f"every method; batch {s['batch_size']}, AdamW, linear decay, no weight decay, seed {s['seed']}.",
         f"* LoFiT: head selection {s['select']['epochs']} epochs, lr {s['select']['lr']}, L1 λ={s['select']['l1']} "
         f"(one run, shared by both K); offsets {s['lofit']['epochs']} epochs, lr {s['lofit']['lr']} "
-        "(`reftlib.lofit.run_lofit_task`, as `reftlib lofit clutrr`).",
+        f"(`reftlib.lofit.run_lofit_task`, as `reftlib lofit {args.task}`).",
         f"* LoReFT: rank {s['loreft']['rank']}, layer {s['loreft']['layer']} `block_output`, last prompt token, "
         f"{s['loreft']['epochs']} epochs, lr {s['loreft']['lr']}.",
         f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, "
         f"{s['lora']['epochs']} epochs, lr {s['lora']['lr']} (`transformers.Trainer`, the model's causal-LM loss).",
         f"* Evaluation: greedy generation (≤ {s['max_new_tokens']} new tokens), first line, stripped, "
-        f"case-insensitive exact match against the relation on {base['n']} {args.eval_split} examples. The "
-        "second column also accepts the answer followed by a period (the base model ends its answers with one).",
+        f"case-insensitive exact match against {what[2]} on {base['n']} {args.eval_split} examples; ± one standard "
+        "error over the examples. The third column also accepts the answer followed by a period.",
     ])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["clutrr", "mquake"], required=True)
     parser.add_argument("--quick", action="store_true", help="64 train examples, 100 eval examples")
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
     parser.add_argument("--methods", default="base,lofit,loreft,lora", help="comma-separated subset")
-    parser.add_argument("--data-dir", default=None, help="folder with clutrr/ (default: ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help="folder with clutrr/ and mquake/ (default: ../shared/data)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores, or 1 when the machine is already busy)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -191,16 +214,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     threads = setup_threads(args.threads)
-    settings = apply_overrides(default_settings(args.quick), args.set)
+    settings = apply_overrides(default_settings(args.task, args.quick), args.set)
     try:
-        train_rows = load_clutrr("train", args.data_dir)
-        eval_rows = load_clutrr(args.eval_split, args.data_dir)
+        data = load_task_data(args.task, args.data_dir, eval_split=args.eval_split, max_train=settings["train_examples"],
+                              max_eval=settings["eval_examples"], seed=settings["seed"])
     except reftlib.ReftError as exc:
-        sys.exit(f"CLUTRR data not found, skipping the benchmark: {exc}")
-    train_rows = random.Random(settings["seed"]).sample(train_rows, min(settings["train_examples"], len(train_rows)))
-    eval_rows = eval_rows[: settings["eval_examples"]] if settings["eval_examples"] else eval_rows
-    settings["n_train"] = len(train_rows)
-    pairs = clutrr_sft_examples(train_rows)
+        sys.exit(f"{get_task_spec(args.task).title} data not found, skipping the benchmark: {exc}")
+    pairs, eval_rows = data.train, data.eval_rows
+    settings["n_train"] = len(pairs)
     quiet = {"disable_tqdm": True, "logging_steps": 10**6}
     info = machine_info(torch.device("cpu"))
     _, tokenizer = load_default_model()
@@ -211,25 +232,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "base" in methods:
         model, _ = load_default_model()
         results.append({"method": "base model", "params": 0, "train_s": 0.0,
-                        **evaluate(model, tokenizer, eval_rows, settings)})
-        log(f"{results[-1]}")
+                        **evaluate(args.task, model, tokenizer, eval_rows, settings)})
+        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
     if "lofit" in methods:
         results.extend(run_lofit(eval_rows, settings, args))
     if "loreft" in methods:
-        results.append(run_loreft(tokenizer, pairs, eval_rows, settings, quiet))
-        log(f"{results[-1]}")
+        results.append(run_loreft(args.task, tokenizer, pairs, eval_rows, settings, quiet))
+        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
     if "lora" in methods:
-        results.append(run_lora(tokenizer, pairs, eval_rows, settings, quiet))
-        log(f"{results[-1]}")
+        results.append(run_lora(args.task, tokenizer, pairs, eval_rows, settings, quiet))
+        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
     info["load_end"] = load_average()
+    for r in results:
+        r["seed"] = settings["seed"]
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "machine": info, "results": results}, indent=1,
-                                              default=str))
+        Path(args.json).write_text(json.dumps({"task": args.task, "settings": settings, "machine": info,
+                                               "results": results}, indent=1, default=str))
     if results and results[0]["method"] == "base model" and len(results) > 1:
         text = report(results, settings, info, args)
         print(text)
         if not args.no_write:
-            replace_section(RESULTS, "clutrr", text)
+            replace_section(RESULTS, args.task, text)
 
 
 if __name__ == "__main__":

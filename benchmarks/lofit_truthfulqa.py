@@ -40,15 +40,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, describe_machine, load_average, machine_info, markdown_table, replace_section
 
 import reftlib
-from reftlib.evaluation import load_truthfulqa
+from reftlib.evaluation import load_truthfulqa, truthfulqa_prompt
 from reftlib.lofit import (
     AdapterDPOTrainer,
     HeadSelection,
     ReftDPOTrainer,
+    apply_iti,
+    apply_repe,
     evaluate_task,
+    get_task_spec,
+    iti_probe_heads,
+    load_task_data,
     make_preference_data_module,
+    repe_reading_vectors,
     run_lofit_task,
+    select_heads,
     truthfulqa_dpo_pairs,
+    tune_iti_alpha,
+    tune_repe_alpha,
 )
 from reftlib.lofit._fit import training_arguments
 from reftlib.offline import load_default_model
@@ -62,6 +71,7 @@ def default_settings(quick: bool) -> dict[str, Any]:
     return {
         "train_questions": 64 if quick else None,  # None = all 326
         "eval_questions": 100 if quick else None,  # None = all (409 test / 82 val)
+        "val_questions": None,  # ITI/RepE tuning questions; None = all 82 validation questions
         "batch_size": 8,
         "beta": 0.1,
         "select": {"epochs": 2, "lr": 5e-3, "l1": 1e-3},
@@ -69,6 +79,12 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "lofit": {"epochs": 3, "lr": 3e-2, "fractions": [0.03, 0.10]},
         "loreft": {"epochs": 3, "lr": 1e-2, "rank": 4, "layer": 15},
         "lora": {"epochs": 3, "lr": 5e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
+        # learning-free baselines: the grids are searched on the validation questions (MC2), never on test
+        "iti": {"heads": [8, 27], "alphas": [2.5, 5, 10, 15, 20], "val_fraction": 0.2},
+        "repe": {"layer_sets": [[15], list(range(10, 20))], "alphas": [4, 8, 16, 32], "method": "pca"},
+        # the localization ablation: LoFiT's offsets (3 % of heads, same settings) on random heads and on heads
+        # selected for another task (step 1 on that task's first training examples drawn with the seed)
+        "ablation": {"fraction": 0.03, "other_task": "clutrr", "other_max_train": 256},
         "seed": 42,
     }
 
@@ -89,8 +105,14 @@ def count_trainable(model: nn.Module) -> int:
 
 def evaluate(model: Any, tokenizer, rows) -> dict[str, float]:
     scores = evaluate_task("truthfulqa", model, tokenizer, rows, progress=False)
-    return {"mc1": scores["metrics"]["mc1"]["value"], "mc2": scores["metrics"]["mc2"]["value"], "n": scores["n"],
-            "eval_s": scores["eval_s"]}
+    return scores_entry(scores["metrics"], scores["per_example"], scores["eval_s"])
+
+
+def scores_entry(metrics: dict[str, Any], per_example: Sequence[dict[str, Any]], eval_s: float) -> dict[str, Any]:
+    """A result row's scores: MC1/MC2, their standard errors and each question's scores (for paired comparisons)."""
+    return {"mc1": metrics["mc1"]["value"], "mc2": metrics["mc2"]["value"], "mc1_se": metrics["mc1"]["stderr"],
+            "mc2_se": metrics["mc2"]["stderr"], "n": metrics["mc1"]["n"], "eval_s": eval_s,
+            "per_question": {name: [q[name] for q in per_example] for name in ("mc1", "mc2")}}
 
 
 def lofit_runs(task: str, settings: dict[str, Any], args, max_train: int | None, max_eval: int | None):
@@ -141,7 +163,8 @@ def apply_overrides(settings: dict[str, Any], items: Sequence[str]) -> dict[str,
 
 def command_line(script: str, args) -> str:
     """The command that reproduces this run."""
-    parts = [f"python benchmarks/{script}"] + (["--quick"] if args.quick else [])
+    parts = [f"python benchmarks/{script}"] + ([f"--task {args.task}"] if getattr(args, "task", None) else [])
+    parts += ["--quick"] if args.quick else []
     parts += [f"--eval-split {args.eval_split}"] if args.eval_split != "test" else []
     return " ".join(parts + [f"--set {item}" for item in args.set])
 
@@ -169,8 +192,7 @@ def run_lofit(settings, args) -> list[dict[str, Any]]:
             "method": f"LoFiT ({round(out['heads']['fraction'] * 100)}% = {chosen.k} heads)",
             "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
             "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
-            "mc1": out["metrics"]["mc1"]["value"], "mc2": out["metrics"]["mc2"]["value"], "n": out["n_eval"],
-            "eval_s": out["timing"]["eval_s"], "heads": chosen.heads,
+            **scores_entry(out["metrics"], out["per_example"], out["timing"]["eval_s"]), "heads": chosen.heads,
         })
         log(f"{results[-1]}")
     return results
@@ -209,6 +231,104 @@ def run_lora(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
     scores = evaluate(lora, tokenizer, rows)
     return {"method": f"LoRA (r={cfg['r']}, {'/'.join(cfg['targets'])})", "params": count_trainable(lora),
             "train_s": train_s, **scores}
+
+
+def run_lofit_ablation(settings, args, condition: str) -> dict[str, Any]:
+    """LoFiT offsets on heads not selected for TruthfulQA: ``"random"`` heads (drawn with the seed) or
+    ``"other"``: the heads step 1 selects for ``ablation.other_task`` (same step-1 settings, that task's
+    loss). Everything else is the LoFiT row's run (same fraction, epochs, lr, seed, data)."""
+    cfg, sel = settings["ablation"], settings["select"]
+    extra: dict[str, Any] = {"random_heads": True}
+    label = "random heads"
+    select_s = 0.0
+    if condition == "other":
+        task = cfg["other_task"]
+        data = load_task_data(task, args.data_dir, max_train=cfg["other_max_train"], seed=settings["seed"])
+        model, tokenizer = load_default_model()
+        start = time.perf_counter()
+        selection = select_heads(model, tokenizer, data.train, fraction=cfg["fraction"], l1=sel["l1"], lr=sel["lr"],
+                                 epochs=sel["epochs"], batch_size=settings["batch_size"], beta=settings["beta"],
+                                 seed=settings["seed"], training_args={"disable_tqdm": True, "logging_steps": 10**6})
+        select_s = time.perf_counter() - start
+        log(f"heads selected for {task} ({len(data.train)} training examples): {selection}")
+        extra = {"heads_from": selection}
+        label = f"heads selected for {get_task_spec(task).title}"
+    out = run_lofit_task(
+        "truthfulqa", data_dir=args.data_dir, heads=cfg["fraction"], seed=settings["seed"],
+        max_train=settings["train_questions"], max_eval=settings["eval_questions"], eval_split=args.eval_split,
+        epochs=settings["lofit"]["epochs"], lr=settings["lofit"]["lr"], batch_size=settings["batch_size"],
+        progress=False, plot=False, log=log, **extra)
+    k = out["heads"]["k"]
+    return {"method": f"LoFiT ({round(cfg['fraction'] * 100)}% = {k} {label})", "ablation": condition,
+            "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
+            "select_s": select_s, "heads": [tuple(h) for h in out["heads"]["selected"]],
+            **scores_entry(out["metrics"], out["per_example"], out["timing"]["eval_s"])}
+
+
+def answer_texts(rows) -> tuple[list[str], list[str], list[int], list[int]]:
+    """ITI's probe data: ``prompt + " " + answer`` for every true answer (best answer included) and every
+    false answer of each question, with the question's index for each text (so splits keep questions whole)."""
+    pos, neg, pos_q, neg_q = [], [], [], []
+    for i, row in enumerate(rows):
+        prompt = truthfulqa_prompt(row.question)
+        true = [row.best_answer] + [a for a in row.correct_answers if a != row.best_answer]
+        pos += [f"{prompt} {a}" for a in true]
+        neg += [f"{prompt} {a}" for a in row.incorrect_answers]
+        pos_q += [i] * len(true)
+        neg_q += [i] * len(row.incorrect_answers)
+    return pos, neg, pos_q, neg_q
+
+
+def run_iti(tokenizer, train_rows, val_rows, rows, settings) -> dict[str, Any]:
+    """ITI: probes on the train questions' answers, (K, α) chosen on the validation questions' MC2."""
+    model, _ = load_default_model()
+    cfg = settings["iti"]
+    pos, neg, pos_q, neg_q = answer_texts(train_rows)
+    start = time.perf_counter()
+    probes = iti_probe_heads(model, tokenizer, pos, neg, groups=pos_q + neg_q, val_fraction=cfg["val_fraction"],
+                             seed=settings["seed"], progress=False)
+    probe_s = time.perf_counter() - start
+    search = {}
+    for k in cfg["heads"]:
+        found = tune_iti_alpha(model, probes, lambda m: evaluate(m, tokenizer, val_rows), alphas=cfg["alphas"], k=k,
+                               metric="mc2")
+        search[k] = found.scores
+        log(f"ITI K={k}: validation MC2 by alpha {found.scores}")
+    k, alpha = max(((k, a) for k in search for a in search[k]), key=lambda ka: search[ka[0]][ka[1]])
+    tune_s = time.perf_counter() - start - probe_s
+    reft_model = apply_iti(model, probes, k=k, alpha=alpha)
+    reft_model.eval()
+    return {"method": f"ITI ({k} heads, α = {alpha:g})", "params": 0, "computed_values": k * probes.head_dim,
+            "train_s": probe_s + tune_s, "tune_s": tune_s, "choice": {"heads": k, "alpha": alpha},
+            "search": {str(k): v for k, v in search.items()}, "heads": probes.top(k),
+            **evaluate(reft_model, tokenizer, rows)}
+
+
+def run_repe(tokenizer, triples, val_rows, rows, settings) -> dict[str, Any]:
+    """RepE: reading vectors from the training pairs (chosen vs rejected answer), (layers, α) chosen on the
+    validation questions' MC2, added at every token."""
+    model, _ = load_default_model()
+    cfg = settings["repe"]
+    layers = sorted({layer for group in cfg["layer_sets"] for layer in group})
+    start = time.perf_counter()
+    vectors = repe_reading_vectors(model, tokenizer, [p + c for p, c, _ in triples], [p + r for p, _, r in triples],
+                                   layers, method=cfg["method"], progress=False)
+    read_s = time.perf_counter() - start
+    search = {}
+    for group in cfg["layer_sets"]:
+        found = tune_repe_alpha(model, vectors, lambda m: evaluate(m, tokenizer, val_rows), alphas=cfg["alphas"],
+                                layers=group, metric="mc2")
+        search[tuple(group)] = found.scores
+        log(f"RepE layers {group}: validation MC2 by alpha {found.scores}")
+    group, alpha = max(((g, a) for g in search for a in search[g]), key=lambda ga: search[ga[0]][ga[1]])
+    tune_s = time.perf_counter() - start - read_s
+    reft_model = apply_repe(model, vectors, alpha, group)
+    reft_model.eval()
+    where = f"layer {group[0]}" if len(group) == 1 else f"layers {group[0]}-{group[-1]}"
+    return {"method": f"RepE ({cfg['method']} reading vectors, {where}, α = {alpha:g})", "params": 0,
+            "computed_values": len(group) * model.config.hidden_size, "train_s": read_s + tune_s, "tune_s": tune_s,
+            "choice": {"layers": list(group), "alpha": alpha},
+            "search": {"-".join(map(str, g)): v for g, v in search.items()}, **evaluate(reft_model, tokenizer, rows)}
 
 
 def train(trainer_cls: Callable, model, tokenizer, module, cfg, settings, quiet) -> None:
@@ -273,7 +393,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64 train questions, 100 eval questions")
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
-    parser.add_argument("--methods", default="base,lofit,loreft,lora", help="comma-separated subset")
+    parser.add_argument("--methods", default="base,lofit,loreft,lora,iti,repe",
+                        help="comma-separated subset of base, lofit, loreft, lora, iti, repe and the ablation's "
+                             "lofit-random, lofit-other")
     parser.add_argument("--data-dir", default=None, help="folder with truthfulqa/ (default: ../shared/data)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores, or 1 when the machine is already busy)")
@@ -281,8 +403,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="override a setting, e.g. --set lofit.lr=0.02 (dotted keys)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/lofit_results.md")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
+                        help="run nothing: render the tables from these --json files (several seeds and methods)")
     args = parser.parse_args(argv)
 
+    if args.combine:
+        from lofit_tables import load_runs, render
+
+        sections = render(*load_runs(args.combine))
+        for name, text in sections.items():
+            print(text, end="\n\n")
+            if not args.no_write:
+                replace_section(RESULTS, name, text)
+        return
     threads = setup_threads(args.threads)
     settings = apply_overrides(default_settings(args.quick), args.set)
     try:
@@ -314,7 +447,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "lora" in methods:
         results.append(run_lora(tokenizer, triples, eval_rows, settings, quiet))
         log(f"{results[-1]}")
+    for condition in ("random", "other"):
+        if f"lofit-{condition}" in methods:
+            results.append(run_lofit_ablation(settings, args, condition))
+            log(f"{results[-1]}")
+    if {"iti", "repe"} & set(methods):
+        val_rows = load_truthfulqa("val", args.data_dir)[: settings["val_questions"]]
+        if "iti" in methods:
+            results.append(run_iti(tokenizer, train_rows, val_rows, eval_rows, settings))
+            log(f"{results[-1]}")
+        if "repe" in methods:
+            results.append(run_repe(tokenizer, triples, val_rows, eval_rows, settings))
+            log(f"{results[-1]}")
     info["load_end"] = load_average()
+    for r in results:
+        r["seed"] = settings["seed"]
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": settings, "machine": info, "results": results}, indent=1,
                                               default=str))

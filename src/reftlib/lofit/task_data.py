@@ -61,7 +61,7 @@ __all__ = [
 class TaskSpec:
     """What one LoFiT task uses: its data files and the default settings of both LoFiT steps.
 
-    The defaults are those of ``benchmarks/lofit_truthfulqa.py`` and ``benchmarks/lofit_clutrr.py``
+    The defaults are those of ``benchmarks/lofit_truthfulqa.py`` and ``benchmarks/lofit_exact_match.py``
     (see ``docs/lofit_results.md``); MQuAKE reuses CLUTRR's, untuned.
     """
 
@@ -171,7 +171,7 @@ def load_task_data(
     """Load ``task``'s training examples and its ``eval_split`` rows (``"val"`` or ``"test"``).
 
     ``max_train`` keeps the first N training rows (TruthfulQA: its fold is already a random split)
-    or N rows drawn with ``seed`` (CLUTRR, MQuAKE: as ``benchmarks/lofit_clutrr.py``); ``max_eval``
+    or N rows drawn with ``seed`` (CLUTRR, MQuAKE: as ``benchmarks/lofit_exact_match.py``); ``max_eval``
     keeps the first N evaluation rows. ``None`` keeps everything.
     """
     spec = get_task_spec(task)

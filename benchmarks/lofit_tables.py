@@ -1,0 +1,256 @@
+"""TruthfulQA results over several runs (seeds): the main table, the claims, the localization ablation.
+
+``python benchmarks/lofit_truthfulqa.py --combine RUN.json [RUN.json ...]`` reads the JSON files that
+``lofit_truthfulqa.py --json`` wrote (one or more methods per file, each with its seed) and renders
+the sections of ``docs/lofit_results.md`` from them, without running anything.
+
+Statistics (all on the same 409 test questions):
+
+* a method's cell is the mean over its seeds, ``± SE`` the standard error of one run over the
+  questions (MC1: ``sqrt(p(1 − p) / (n − 1))``; MC2: the sample standard deviation over questions
+  ``/ sqrt(n)``), averaged over the runs that recorded it. Seeds change the training pairs, the
+  initial values, the data order and (ITI) the probes' split; they do not resample the questions,
+  so averaging seeds does not shrink this error;
+* a difference between two methods is compared with the standard error of the difference. Where
+  both methods have per-question scores for the same seed it is the *paired* one (standard
+  deviation of the per-question differences ``/ sqrt(n)``, averaged over those seeds); otherwise the
+  unpaired ``sqrt(SE_a² + SE_b²)``, which is larger. A difference within one such SE is a **tie**.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import describe_machine, markdown_table
+
+#: Method kinds in table order, with the label of their row.
+KINDS = {
+    "base": "base model",
+    "iti": "ITI (probe-selected heads, mass-mean shift; K, α tuned on validation)",
+    "repe": "RepE (PCA reading vectors; layers, α tuned on validation)",
+    "lora": "LoRA (r=8, q_proj/v_proj)",
+    "loreft": "LoReFT (rank 4, layer 15, last prompt token)",
+    "lofit3": "LoFiT (3% = 8 heads)",
+    "lofit10": "LoFiT (10% = 27 heads)",
+}
+ABLATION = {
+    "lofit3": "(a) heads selected for TruthfulQA",
+    "lofit-other": "(b) heads selected for CLUTRR",
+    "lofit-random": "(c) random heads (same count)",
+}
+#: The comparisons that decide the LoFiT paper's claims: (claim, kind a, kind b).
+CLAIMS = [
+    ("LoFiT beats ITI", "lofit3", "iti"),
+    ("LoFiT beats ITI", "lofit10", "iti"),
+    ("LoFiT beats RepE", "lofit3", "repe"),
+    ("LoFiT beats RepE", "lofit10", "repe"),
+    ("LoFiT matches LoRA", "lofit10", "lora"),
+    ("LoFiT matches LoRA", "lofit3", "lora"),
+    ("LoFiT vs LoReFT", "lofit10", "loreft"),
+    ("task-specific heads matter", "lofit3", "lofit-random"),
+    ("task-specific heads matter", "lofit3", "lofit-other"),
+]
+METRICS = ("mc1", "mc2")
+
+
+def kind_of(result: dict[str, Any]) -> str:
+    """The method kind of a result row (rows written before ``kind`` existed are read from their label)."""
+    if "ablation" in result:
+        return f"lofit-{result['ablation']}"
+    label = result["method"]
+    for prefix, kind in (("base", "base"), ("ITI", "iti"), ("RepE", "repe"), ("LoRA", "lora"), ("LoReFT", "loreft"),
+                         ("LoFiT (3%", "lofit3"), ("LoFiT (10%", "lofit10")):
+        if label.startswith(prefix):
+            return kind
+    raise ValueError(f"unknown method row {label!r}")
+
+
+def run_se(result: dict[str, Any], metric: str) -> float | None:
+    """One run's standard error over the questions (recomputed for MC1 from its mean when not recorded)."""
+    if f"{metric}_se" in result:
+        return result[f"{metric}_se"]
+    if metric == "mc1":
+        p, n = result["mc1"], result["n"]
+        return math.sqrt(p * (1 - p) / (n - 1))
+    return None
+
+
+def load_runs(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every result row of the files (each tagged with its seed and kind), and each file's header."""
+    rows, headers = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        headers.append({"file": Path(path).name, "settings": data["settings"], "machine": data["machine"]})
+        for r in data["results"]:
+            rows.append({**r, "seed": r.get("seed", data["settings"]["seed"]), "kind": kind_of(r)})
+    return rows, headers
+
+
+def _by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    # the base model does not depend on the seed: one evaluation is enough, preferably one with per-question scores
+    bases = sorted((r for r in rows if r["kind"] == "base"), key=lambda r: "per_question" not in r)
+    for r in bases[:1] + sorted((r for r in rows if r["kind"] != "base"), key=lambda r: r["seed"]):
+        out.setdefault(r["kind"], []).append(r)
+    return out
+
+
+def summary(runs: Sequence[dict[str, Any]], metric: str) -> tuple[float, float | None]:
+    """Mean over the runs and the averaged one-run SE (``None`` when no run recorded it), in points."""
+    ses = [s for s in (run_se(r, metric) for r in runs) if s is not None]
+    return 100 * statistics.fmean(r[metric] for r in runs), (100 * statistics.fmean(ses) if ses else None)
+
+
+def difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], metric: str) -> tuple[float, float, str]:
+    """``mean(a) − mean(b)`` in points, the SE of that difference and which SE it is (paired / unpaired)."""
+    delta = summary(a, metric)[0] - summary(b, metric)[0]
+    b_by_seed = {r["seed"]: r for r in b}
+    base_b = b[0] if b and b[0]["kind"] == "base" else None
+    paired = []
+    for ra in a:
+        rb = base_b or b_by_seed.get(ra["seed"])
+        if rb and "per_question" in ra and "per_question" in rb:
+            d = [x - y for x, y in zip(ra["per_question"][metric], rb["per_question"][metric], strict=True)]
+            paired.append(statistics.stdev(d) / math.sqrt(len(d)))
+    if paired:
+        return delta, 100 * statistics.fmean(paired), "paired"
+    se_a, se_b = summary(a, metric)[1], summary(b, metric)[1]
+    if se_a is None or se_b is None:
+        return delta, math.nan, "n/a"
+    return delta, math.hypot(se_a, se_b), "unpaired"
+
+
+def verdict(delta: float, se: float) -> str:
+    if math.isnan(se):
+        return "?"
+    if abs(delta) <= se:
+        return "tie"
+    return "ahead" if delta > 0 else "behind"
+
+
+def _cell(runs: Sequence[dict[str, Any]], metric: str) -> str:
+    mean, se = summary(runs, metric)
+    return f"{mean:.1f} ± {se:.1f}" if se is not None else f"{mean:.1f}"
+
+
+def _per_seed(runs: Sequence[dict[str, Any]]) -> str:
+    if runs[0]["kind"] == "base":
+        return "(no training)"
+    return "; ".join(f"{r['seed']}: {100 * r['mc1']:.1f} / {100 * r['mc2']:.1f}" for r in runs)
+
+
+def _params(runs: Sequence[dict[str, Any]]) -> str:
+    r = runs[0]
+    if r["kind"] == "base":
+        return "0"
+    if r.get("computed_values"):
+        values = sorted({x.get("computed_values", 0) for x in runs})
+        return f"0 ({' / '.join(f'{v:,}' for v in values)} computed)"
+    return f"{r['params']:,}"
+
+
+def _choices(runs: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for r in runs:
+        c = r.get("choice", {})
+        if "heads" in c:
+            parts.append(f"seed {r['seed']}: K = {c['heads']}, α = {c['alpha']:g}")
+        elif "layers" in c:
+            layers = c["layers"]
+            where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            parts.append(f"seed {r['seed']}: {where}, α = {c['alpha']:g}")
+    return "; ".join(parts)
+
+
+def main_table(rows: Sequence[dict[str, Any]]) -> str:
+    by = _by_kind(rows)
+    n = rows[0]["n"]
+    table = [[KINDS[k], _cell(by[k], "mc1"), _cell(by[k], "mc2"), _params(by[k]), _per_seed(by[k])]
+             for k in KINDS if k in by]
+    return markdown_table(["method", f"MC1 % (test, n={n})", "MC2 % (test)", "trainable params",
+                           "per seed: MC1 / MC2"], table)
+
+
+def claims_table(rows: Sequence[dict[str, Any]]) -> str:
+    by = _by_kind(rows)
+    labels = {**KINDS, "lofit-random": "LoFiT 3% on random heads", "lofit-other": "LoFiT 3% on CLUTRR's heads",
+              "lofit3": "LoFiT 3%", "lofit10": "LoFiT 10%"}
+    table = []
+    for claim, a, b in CLAIMS:
+        if a not in by or b not in by:
+            continue
+        cells = []
+        kinds = set()
+        for metric in METRICS:
+            delta, se, kind = difference(by[a], by[b], metric)
+            kinds.add(kind)
+            cells.append(f"{delta:+.1f} ± {se:.1f} ({verdict(delta, se)})")
+        seeds = sorted({r["seed"] for r in by[a]} & {r["seed"] for r in by[b]} or {r["seed"] for r in by[a]})
+        table.append([claim, f"{labels[a]} − {labels[b].split(' (')[0]}", *cells,
+                      "/".join(sorted(kinds)), ", ".join(map(str, seeds))])
+    return markdown_table(["claim", "difference", "Δ MC1 points (± SE)", "Δ MC2 points (± SE)", "SE", "seeds"], table)
+
+
+def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
+    by = _by_kind(rows)
+    table = [[label, _cell(by[k], "mc1"), _cell(by[k], "mc2"), _per_seed(by[k])] for k, label in ABLATION.items()
+             if k in by]
+    if "base" in by:
+        table.insert(0, ["base model (no offsets)", _cell(by["base"], "mc1"), _cell(by["base"], "mc2"), "-"])
+    return markdown_table(["heads (3% = 8 of 270)", "MC1 % (test)", "MC2 % (test)", "per seed: MC1 / MC2"], table)
+
+
+def overlap(rows: Sequence[dict[str, Any]]) -> str:
+    """How many heads each ablation condition shares with the task's own selection, per seed."""
+    by = _by_kind(rows)
+    own = {r["seed"]: {tuple(h) for h in r.get("heads", [])} for r in by.get("lofit3", [])}
+    parts = []
+    for kind in ("lofit-other", "lofit-random"):
+        for r in by.get(kind, []):
+            if own.get(r["seed"]):
+                shared = len(own[r["seed"]] & {tuple(h) for h in r["heads"]})
+                parts.append(f"{ABLATION[kind][:3]} seed {r['seed']}: {shared} of {len(r['heads'])}")
+    return "; ".join(parts)
+
+
+def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The markdown of the ``truthfulqa`` and ``truthfulqa-ablation`` sections."""
+    by = _by_kind(rows)
+    machines = sorted({describe_machine(h["machine"]) for h in headers})
+    files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
+    other_n = next((h["settings"]["ablation"]["other_max_train"] for h in headers if "ablation" in h["settings"]), "?")
+    choices = [f"{KINDS[k].split(' (')[0]}: {_choices(by[k])}" for k in ("iti", "repe") if k in by]
+    main = "\n".join([
+        "### TruthfulQA fold 0, SmolLM2-135M-Instruct (full configuration)",
+        "",
+        main_table(rows),
+        "",
+        "Each cell: mean over the seeds ± the standard error of one run over the 409 test questions. "
+        "Learning-free methods store computed values instead of trained parameters. Chosen on validation: "
+        + ("; ".join(choices) or "-") + ".",
+        "",
+        "#### The claims, difference by difference",
+        "",
+        claims_table(rows),
+        "",
+        "A difference within one standard error is a tie. \"paired\": the SE of the per-question differences "
+        "(same questions, same seed); \"unpaired\": sqrt(SE_a² + SE_b²), used where a run kept no per-question "
+        "scores.",
+        "",
+        f"Runs: {files}. Machines: " + " | ".join(machines),
+    ])
+    ablation = "\n".join([
+        "### Localization ablation on TruthfulQA, SmolLM2-135M-Instruct (full configuration)",
+        "",
+        ablation_table(rows),
+        "",
+        "Same offsets training for every row (8 heads, 3 epochs, lr 0.03, DPO, the 326 training questions); only "
+        f"the heads differ. (b)'s heads are LoFiT's step 1 run on {other_n} CLUTRR training examples (drawn with the "
+        "seed, same step-1 settings). Heads shared with (a): " + (overlap(rows) or "-") + ".",
+    ])
+    return {"truthfulqa": main, "truthfulqa-ablation": ablation}
