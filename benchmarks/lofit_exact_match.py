@@ -44,14 +44,17 @@ from transformers import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, load_average, machine_info, markdown_table, replace_section
 from lofit_truthfulqa import (
+    DTYPES,
     RESULTS,
     apply_overrides,
+    base_model,
     command_line,
     count_trainable,
     head_dim,
     lofit_runs,
     log,
     setup_threads,
+    trainer_overrides,
 )
 
 import reftlib
@@ -74,6 +77,8 @@ def default_settings(task: str, quick: bool) -> dict[str, Any]:
         "loreft": {"epochs": 3, "lr": 1e-2, "rank": 4, "layer": 15},
         "lora": {"epochs": 3, "lr": 5e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
         "seed": 42,
+        "device": "cpu",  # --device / --dtype
+        "dtype": "fp32",
     }
 
 
@@ -125,7 +130,7 @@ def run_lofit(rows, settings, args) -> list[dict[str, Any]]:
 
 
 def run_loreft(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
-    model, _ = load_default_model()
+    model = base_model(settings)
     cfg = settings["loreft"]
     torch.manual_seed(settings["seed"])
     reft_model = reftlib.get_reft_model(model, reftlib.ReftConfig([{
@@ -142,7 +147,7 @@ def run_loreft(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
 def run_lora(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
     import peft
 
-    model, _ = load_default_model()
+    model = base_model(settings)
     cfg = settings["lora"]
     torch.manual_seed(settings["seed"])
     lora = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=0.0,
@@ -205,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
     parser.add_argument("--methods", default="base,lofit,loreft,lora", help="comma-separated subset")
     parser.add_argument("--data-dir", default=None, help="folder with clutrr/ and mquake/ (default: ../shared/data)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU: add --dtype bf16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the base model's dtype")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores, or 1 when the machine is already busy)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -215,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     threads = setup_threads(args.threads)
     settings = apply_overrides(default_settings(args.task, args.quick), args.set)
+    settings.update(device=args.device, dtype=args.dtype)
     try:
         data = load_task_data(args.task, args.data_dir, eval_split=args.eval_split, max_train=settings["train_examples"],
                               max_eval=settings["eval_examples"], seed=settings["seed"])
@@ -222,15 +230,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"{get_task_spec(args.task).title} data not found, skipping the benchmark: {exc}")
     pairs, eval_rows = data.train, data.eval_rows
     settings["n_train"] = len(pairs)
-    quiet = {"disable_tqdm": True, "logging_steps": 10**6}
-    info = machine_info(torch.device("cpu"))
+    quiet = trainer_overrides(settings)
+    info = machine_info(torch.device(settings["device"]))
     _, tokenizer = load_default_model()
     methods = args.methods.split(",")
     log(f"{len(pairs)} training examples, {len(eval_rows)} {args.eval_split} examples, {threads} thread(s), "
         f"settings {settings}")
     results: list[dict[str, Any]] = []
     if "base" in methods:
-        model, _ = load_default_model()
+        model = base_model(settings)
         results.append({"method": "base model", "params": 0, "train_s": 0.0,
                         **evaluate(args.task, model, tokenizer, eval_rows, settings)})
         log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")

@@ -205,6 +205,18 @@ def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(["heads (3% = 8 of 270)", "MC1 % (test)", "MC2 % (test)", "per seed: MC1 / MC2"], table)
 
 
+def search_table(rows: Sequence[dict[str, Any]]) -> str:
+    """ITI's and RepE's validation searches: MC2 % on the validation questions for each setting, per seed."""
+    by = _by_kind(rows)
+    table = []
+    for kind, what in (("iti", "K = {} heads"), ("repe", "layers {}")):
+        for r in by.get(kind, []):
+            for setting, scores in r.get("search", {}).items():
+                cells = ", ".join(f"α {float(a):g}: {100 * v:.1f}" for a, v in scores.items())
+                table.append([KINDS[kind].split(" (")[0], str(r["seed"]), what.format(setting), cells])
+    return markdown_table(["method", "seed", "setting", "validation MC2 % by α"], table) if table else ""
+
+
 def overlap(rows: Sequence[dict[str, Any]]) -> str:
     """How many heads each ablation condition shares with the task's own selection, per seed."""
     by = _by_kind(rows)
@@ -218,8 +230,10 @@ def overlap(rows: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """The markdown of the ``truthfulqa`` and ``truthfulqa-ablation`` sections."""
+def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
+           settings: Sequence[str] = ()) -> dict[str, str]:
+    """The markdown of the ``truthfulqa`` and ``truthfulqa-ablation`` sections (``settings``: bullets listing
+    the runs' settings, placed under the main table)."""
     by = _by_kind(rows)
     machines = sorted({describe_machine(h["machine"]) for h in headers})
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
@@ -234,6 +248,10 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]]) ->
         "Learning-free methods store computed values instead of trained parameters. Chosen on validation: "
         + ("; ".join(choices) or "-") + ".",
         "",
+        "Validation searches (82 questions; the best MC2 is used on test):",
+        "",
+        search_table(rows),
+        "",
         "#### The claims, difference by difference",
         "",
         claims_table(rows),
@@ -242,7 +260,14 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]]) ->
         "(same questions, same seed); \"unpaired\": sqrt(SE_a² + SE_b²), used where a run kept no per-question "
         "scores.",
         "",
-        f"Runs: {files}. Machines: " + " | ".join(machines),
+        "Settings (each run: `python benchmarks/lofit_truthfulqa.py --methods ... --set seed=S --json RUN.json`; "
+        "the tables: `python benchmarks/lofit_truthfulqa.py --combine RUN.json ...`):",
+        "",
+        *settings,
+        "",
+        f"Runs: {files}.",
+        "",
+        "Machines: " + " | ".join(machines),
     ])
     ablation = "\n".join([
         "### Localization ablation on TruthfulQA, SmolLM2-135M-Instruct (full configuration)",

@@ -80,13 +80,29 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "loreft": {"epochs": 3, "lr": 1e-2, "rank": 4, "layer": 15},
         "lora": {"epochs": 3, "lr": 5e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
         # learning-free baselines: the grids are searched on the validation questions (MC2), never on test
-        "iti": {"heads": [8, 27], "alphas": [2.5, 5, 10, 15, 20], "val_fraction": 0.2},
+        "iti": {"heads": [8, 27], "alphas": [2.5, 5, 10, 15, 20, 30, 40], "val_fraction": 0.2},
         "repe": {"layer_sets": [[15], list(range(10, 20))], "alphas": [4, 8, 16, 32], "method": "pca"},
         # the localization ablation: LoFiT's offsets (3 % of heads, same settings) on random heads and on heads
         # selected for another task (step 1 on that task's first training examples drawn with the seed)
-        "ablation": {"fraction": 0.03, "other_task": "clutrr", "other_max_train": 256},
+        "ablation": {"fraction": 0.03, "other_task": "clutrr", "other_max_train": 128},
         "seed": 42,
+        "device": "cpu",  # --device / --dtype
+        "dtype": "fp32",
     }
+
+
+#: ``--dtype`` names.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def base_model(settings: dict[str, Any]) -> nn.Module:
+    """A fresh offline SmolLM2 on the run's device, in its dtype."""
+    return load_default_model(dtype=DTYPES[settings["dtype"]], device=settings["device"])[0]
+
+
+def trainer_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+    """TrainingArguments every trainer of the run gets: quiet, and on the run's device."""
+    return {"disable_tqdm": True, "logging_steps": 10**6, "use_cpu": settings["device"] == "cpu"}
 
 
 #: One (prompt, best answer, incorrect answer) triple per question; the incorrect one drawn with the seed.
@@ -129,7 +145,8 @@ def lofit_runs(task: str, settings: dict[str, Any], args, max_train: int | None,
                 task, data_dir=args.data_dir, heads=fraction, seed=settings["seed"], output_dir=folder,
                 max_train=max_train, max_eval=max_eval, eval_split=args.eval_split, epochs=settings["lofit"]["epochs"],
                 lr=settings["lofit"]["lr"], select_epochs=sel["epochs"], select_lr=sel["lr"], l1=sel["l1"],
-                batch_size=settings["batch_size"], heads_from=first, progress=False, plot=False, log=log)
+                batch_size=settings["batch_size"], heads_from=first, device=settings["device"],
+                dtype=settings["dtype"], progress=False, plot=False, log=log)
             first = first or folder
             yield result, HeadSelection.load(folder)
 
@@ -166,6 +183,8 @@ def command_line(script: str, args) -> str:
     parts = [f"python benchmarks/{script}"] + ([f"--task {args.task}"] if getattr(args, "task", None) else [])
     parts += ["--quick"] if args.quick else []
     parts += [f"--eval-split {args.eval_split}"] if args.eval_split != "test" else []
+    parts += [f"--device {args.device}"] if getattr(args, "device", "cpu") != "cpu" else []
+    parts += [f"--dtype {args.dtype}"] if getattr(args, "dtype", "fp32") != "fp32" else []
     return " ".join(parts + [f"--set {item}" for item in args.set])
 
 
@@ -199,7 +218,7 @@ def run_lofit(settings, args) -> list[dict[str, Any]]:
 
 
 def run_loreft(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
-    model, _ = load_default_model()
+    model = base_model(settings)
     cfg = settings["loreft"]
     torch.manual_seed(settings["seed"])
     reft_model = reftlib.get_reft_model(model, reftlib.ReftConfig([{
@@ -218,7 +237,7 @@ def run_loreft(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
 def run_lora(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
     import peft
 
-    model, _ = load_default_model()
+    model = base_model(settings)
     cfg = settings["lora"]
     torch.manual_seed(settings["seed"])
     lora = peft.get_peft_model(model, peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=0.0,
@@ -244,11 +263,11 @@ def run_lofit_ablation(settings, args, condition: str) -> dict[str, Any]:
     if condition == "other":
         task = cfg["other_task"]
         data = load_task_data(task, args.data_dir, max_train=cfg["other_max_train"], seed=settings["seed"])
-        model, tokenizer = load_default_model()
+        model, tokenizer = base_model(settings), load_default_model()[1]
         start = time.perf_counter()
         selection = select_heads(model, tokenizer, data.train, fraction=cfg["fraction"], l1=sel["l1"], lr=sel["lr"],
                                  epochs=sel["epochs"], batch_size=settings["batch_size"], beta=settings["beta"],
-                                 seed=settings["seed"], training_args={"disable_tqdm": True, "logging_steps": 10**6})
+                                 seed=settings["seed"], training_args=trainer_overrides(settings))
         select_s = time.perf_counter() - start
         log(f"heads selected for {task} ({len(data.train)} training examples): {selection}")
         extra = {"heads_from": selection}
@@ -257,7 +276,7 @@ def run_lofit_ablation(settings, args, condition: str) -> dict[str, Any]:
         "truthfulqa", data_dir=args.data_dir, heads=cfg["fraction"], seed=settings["seed"],
         max_train=settings["train_questions"], max_eval=settings["eval_questions"], eval_split=args.eval_split,
         epochs=settings["lofit"]["epochs"], lr=settings["lofit"]["lr"], batch_size=settings["batch_size"],
-        progress=False, plot=False, log=log, **extra)
+        device=settings["device"], dtype=settings["dtype"], progress=False, plot=False, log=log, **extra)
     k = out["heads"]["k"]
     return {"method": f"LoFiT ({round(cfg['fraction'] * 100)}% = {k} {label})", "ablation": condition,
             "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
@@ -281,7 +300,7 @@ def answer_texts(rows) -> tuple[list[str], list[str], list[int], list[int]]:
 
 def run_iti(tokenizer, train_rows, val_rows, rows, settings) -> dict[str, Any]:
     """ITI: probes on the train questions' answers, (K, α) chosen on the validation questions' MC2."""
-    model, _ = load_default_model()
+    model = base_model(settings)
     cfg = settings["iti"]
     pos, neg, pos_q, neg_q = answer_texts(train_rows)
     start = time.perf_counter()
@@ -307,7 +326,7 @@ def run_iti(tokenizer, train_rows, val_rows, rows, settings) -> dict[str, Any]:
 def run_repe(tokenizer, triples, val_rows, rows, settings) -> dict[str, Any]:
     """RepE: reading vectors from the training pairs (chosen vs rejected answer), (layers, α) chosen on the
     validation questions' MC2, added at every token."""
-    model, _ = load_default_model()
+    model = base_model(settings)
     cfg = settings["repe"]
     layers = sorted({layer for group in cfg["layer_sets"] for layer in group})
     start = time.perf_counter()
@@ -352,7 +371,9 @@ def report(results: Sequence[dict[str, Any]], settings: dict[str, Any], info: di
         delta2 = "" if r is base else f" ({100 * (r['mc2'] - base['mc2']):+.1f})"
         params = "0" if r is base else f"{r['params']:,}"
         train = "-" if r is base else f"{r['train_s'] / 60:.1f} min"
-        if "select_s" in r:
+        if r.get("ablation") == "other":
+            train += f" (incl. {r['select_s'] / 60:.1f} min head selection on the other task)"
+        elif "select_s" in r and "ablation" not in r:
             train += f" (incl. {r['select_s'] / 60:.1f} min shared head selection)"
         rows.append([r["method"], f"{100 * r['mc1']:.1f}{delta}", f"{100 * r['mc2']:.1f}{delta2}", params, train,
                      f"{r['eval_s'] / 60:.1f} min"])
@@ -361,7 +382,6 @@ def report(results: Sequence[dict[str, Any]], settings: dict[str, Any], info: di
     table = markdown_table(
         ["method", f"MC1 % ({split}, n={n_eval})", f"MC2 % ({split})", "trainable params", "train wall time",
          "eval wall time"], rows)
-    s = settings
     lines = [
         f"### TruthfulQA fold 0, SmolLM2-135M-Instruct{' (quick run)' if args.quick else ''}",
         "",
@@ -371,10 +391,19 @@ def report(results: Sequence[dict[str, Any]], settings: dict[str, Any], info: di
         "",
         f"Settings (`{command_line('lofit_truthfulqa.py', args)}`):",
         "",
+        *settings_bullets(settings, n_eval, split, max(r.get("selection_params", 0) for r in results)),
+    ]
+    return "\n".join(lines)
+
+
+def settings_bullets(s: dict[str, Any], n_eval: int, split: str, selection_params: int) -> list[str]:
+    """The settings of a run as markdown bullets (what every table of the TruthfulQA section lists)."""
+    iti, repe, abl = s.get("iti"), s.get("repe"), s.get("ablation")
+    bullets = [
         f"* Training data: {s['n_train']} fold-0 train questions, one DPO pair each (best answer vs. one incorrect "
-        f"answer drawn with seed {s['seed']}); every method uses DPO with beta={s['beta']}, the reference being the "
+        f"answer drawn with the seed); every trained method uses DPO with beta={s['beta']}, the reference being the "
         "same model with its interventions/adapter off (log-probabilities precomputed once), batch "
-        f"{s['batch_size']} pairs, AdamW, linear decay, no weight decay, seed {s['seed']}.",
+        f"{s['batch_size']} pairs, AdamW, linear decay, no weight decay.",
         f"* LoFiT: head selection {s['select']['epochs']} epochs, lr {s['select']['lr']}, L1 λ={s['select']['l1']} "
         f"(one run, ranking shared by both K); offsets {s['lofit']['epochs']} epochs, lr {s['lofit']['lr']}, "
         "at every position. Head heatmaps: `docs/img/lofit_truthfulqa_heads_*pct.png`.",
@@ -382,11 +411,30 @@ def report(results: Sequence[dict[str, Any]], settings: dict[str, Any], info: di
         f"{s['loreft']['epochs']} epochs, lr {s['loreft']['lr']}.",
         f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, DPO "
         f"(`AdapterDPOTrainer`, same loss as the others), {s['lora']['epochs']} epochs, lr {s['lora']['lr']}.",
+    ]
+    if iti:
+        bullets.append(
+            f"* ITI: a logistic probe per head on the last-token head outputs of every train question's true "
+            f"(positive) and false (negative) answers, `Q: ... A: answer`, split by question "
+            f"({round(100 * (1 - iti['val_fraction']))} / {round(100 * iti['val_fraction'])}, the seed); heads "
+            f"ranked by probe accuracy; K ∈ {iti['heads']} × α ∈ {iti['alphas']} (α·σ·θ mass-mean shift at every "
+            "token) searched on the 82 validation questions' MC2.")
+    if repe:
+        sets = " and ".join(f"{g[0]}" if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in repe["layer_sets"])
+        bullets.append(
+            f"* RepE: {repe['method']} reading vectors (unit length) of the residual stream (`block_output`, last "
+            "token) from the training pairs (question + best answer vs. + the drawn incorrect answer); added as "
+            f"α·v at every token; layers {sets} × α ∈ {repe['alphas']} searched on the validation questions' MC2.")
+    if abl:
+        bullets.append(
+            f"* Ablation rows: LoFiT's offsets (the LoFiT settings above, {round(100 * abl['fraction'])}% of heads) on "
+            f"heads drawn at random with the seed, or on the heads step 1 selects for {abl['other_task']} "
+            f"({abl['other_max_train']} training examples drawn with the seed, the same step-1 settings).")
+    bullets.append(
         f"* Evaluation: MC1/MC2 on {n_eval} fold-0 {split} questions, prompt `Q: {{question}}\\nA:`, summed "
         "answer log-probabilities (`reftlib.evaluation.truthfulqa_mc`). Trainable parameters exclude LoFiT's "
-        f"step-1 scales ({max(r.get('selection_params', 0) for r in results):,}, discarded after selection).",
-    ]
-    return "\n".join(lines)
+        f"step-1 scales ({selection_params:,}, discarded after selection).")
+    return bullets
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -397,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="comma-separated subset of base, lofit, loreft, lora, iti, repe and the ablation's "
                              "lofit-random, lofit-other")
     parser.add_argument("--data-dir", default=None, help="folder with truthfulqa/ (default: ../shared/data)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU: add --dtype bf16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the base model's dtype")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: all cores, or 1 when the machine is already busy)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -410,7 +460,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.combine:
         from lofit_tables import load_runs, render
 
-        sections = render(*load_runs(args.combine))
+        rows, headers = load_runs(args.combine)
+        first = headers[0]["settings"]
+        settings = {**default_settings(False), **{k: v for h in headers for k, v in h["settings"].items()}}
+        settings["seed"] = first["seed"]
+        bullets = settings_bullets(settings, rows[0]["n"], "test",
+                                   max(r.get("selection_params", 0) for r in rows))
+        sections = render(rows, headers, bullets)
         for name, text in sections.items():
             print(text, end="\n\n")
             if not args.no_write:
@@ -418,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     threads = setup_threads(args.threads)
     settings = apply_overrides(default_settings(args.quick), args.set)
+    settings.update(device=args.device, dtype=args.dtype)
     try:
         train_rows = load_truthfulqa("train", args.data_dir)
         eval_rows = load_truthfulqa(args.eval_split, args.data_dir)
@@ -427,8 +484,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_rows = eval_rows[: settings["eval_questions"]] if settings["eval_questions"] else eval_rows
     settings["n_train"] = len(train_rows)
     triples = preference_pairs(train_rows, settings["seed"])
-    quiet = {"disable_tqdm": True, "logging_steps": 10**6}
-    info = machine_info(torch.device("cpu"))
+    quiet = trainer_overrides(settings)
+    info = machine_info(torch.device(settings["device"]))
     _, tokenizer = load_default_model()
     methods = args.methods.split(",")
     log(f"{len(triples)} training pairs, {len(eval_rows)} {args.eval_split} questions, {threads} thread(s), "
@@ -436,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     results: list[dict[str, Any]] = []
     if "base" in methods:
-        model, _ = load_default_model()
+        model = base_model(settings)
         results.append({"method": "base model", "params": 0, "train_s": 0.0, **evaluate(model, tokenizer, eval_rows)})
         log(f"{results[-1]}")
     if "lofit" in methods:
