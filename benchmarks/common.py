@@ -142,10 +142,12 @@ def describe_machine(info: dict[str, Any]) -> str:
     peers = ", ".join(
         f"{name} {info[name]}" for name in ("peft", "pyreft", "pyvene") if info.get(name)
     )
+    head = (f"{info['date']}, {where} (device `{info['device']}`); Python {info['python']}, torch {info['torch']}, "
+            f"transformers {info['transformers']}{', ' + peers if peers else ''}. ")
+    if "load_note" in info:  # a run recovered from its log, which has 1-minute load readings only
+        return head + info["load_note"]
     return (
-        f"{info['date']}, {where} (device `{info['device']}`); Python {info['python']}, torch {info['torch']}, "
-        f"transformers {info['transformers']}{', ' + peers if peers else ''}. "
-        f"Load average (1/5/15 min) {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f} at the start and "
+        head + f"Load average (1/5/15 min) {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f} at the start and "
         f"{end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f} at the end, on {info['cores']} cores"
         + " (the benchmark's own threads count in it)"
         + (": the machine was shared with other jobs; read ratios (paired, same run), not absolute times."
