@@ -91,7 +91,8 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[d
     return rows, headers
 
 
-def _by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows grouped by method kind, in seed order (the base model once)."""
     out: dict[str, list[dict[str, Any]]] = {}
     # the base model does not depend on the seed: one evaluation is enough, preferably one with per-question scores
     bases = sorted((r for r in rows if r["kind"] == "base"), key=lambda r: "per_question" not in r)
@@ -168,7 +169,7 @@ def _choices(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def main_table(rows: Sequence[dict[str, Any]]) -> str:
-    by = _by_kind(rows)
+    by = by_kind(rows)
     n = rows[0]["n"]
     table = [[KINDS[k], _cell(by[k], "mc1"), _cell(by[k], "mc2"), _params(by[k]), _per_seed(by[k])]
              for k in KINDS if k in by]
@@ -177,7 +178,7 @@ def main_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def claims_table(rows: Sequence[dict[str, Any]]) -> str:
-    by = _by_kind(rows)
+    by = by_kind(rows)
     labels = {**KINDS, "lofit-random": "LoFiT 3% on random heads", "lofit-other": "LoFiT 3% on CLUTRR's heads",
               "lofit3": "LoFiT 3%", "lofit10": "LoFiT 10%"}
     table = []
@@ -197,7 +198,7 @@ def claims_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
-    by = _by_kind(rows)
+    by = by_kind(rows)
     table = [[label, _cell(by[k], "mc1"), _cell(by[k], "mc2"), _per_seed(by[k])] for k, label in ABLATION.items()
              if k in by]
     if "base" in by:
@@ -207,7 +208,7 @@ def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def search_table(rows: Sequence[dict[str, Any]]) -> str:
     """ITI's and RepE's validation searches: MC2 % on the validation questions for each setting, per seed."""
-    by = _by_kind(rows)
+    by = by_kind(rows)
     table = []
     for kind, what in (("iti", "K = {} heads"), ("repe", "layers {}")):
         for r in by.get(kind, []):
@@ -219,7 +220,7 @@ def search_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def overlap(rows: Sequence[dict[str, Any]]) -> str:
     """How many heads each ablation condition shares with the task's own selection, per seed."""
-    by = _by_kind(rows)
+    by = by_kind(rows)
     own = {r["seed"]: {tuple(h) for h in r.get("heads", [])} for r in by.get("lofit3", [])}
     parts = []
     for kind in ("lofit-other", "lofit-random"):
@@ -234,7 +235,7 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
            settings: Sequence[str] = ()) -> dict[str, str]:
     """The markdown of the ``truthfulqa`` and ``truthfulqa-ablation`` sections (``settings``: bullets listing
     the runs' settings, placed under the main table)."""
-    by = _by_kind(rows)
+    by = by_kind(rows)
     machines = sorted({describe_machine(h["machine"]) for h in headers})
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
     other_n = next((h["settings"]["ablation"]["other_max_train"] for h in headers if "ablation" in h["settings"]), "?")

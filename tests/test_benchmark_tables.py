@@ -57,7 +57,7 @@ def test_seeds_average_and_the_base_model_counts_once():
     base = _run("base model", 43, [0, 1, 0, 0], [0.2, 0.6, 0.1, 0.3])
     lofit = [_run("LoFiT (3% = 8 heads)", s, m1, [0.5] * 4) for s, m1 in ((42, [1, 1, 0, 0]), (43, [1, 1, 1, 0]))]
     random_heads = _run("LoFiT (3% = 8 random heads)", 42, [0, 1, 0, 0], [0.3] * 4, ablation="random")
-    by = lofit_tables._by_kind([base_old, base, *lofit, random_heads])
+    by = lofit_tables.by_kind([base_old, base, *lofit, random_heads])
     assert by["base"] == [base]  # the evaluation with per-question scores is kept
     assert [r["seed"] for r in by["lofit3"]] == [42, 43] and by["lofit-random"] == [random_heads]
     assert lofit_tables.summary(by["lofit3"], "mc1")[0] == pytest.approx(62.5)
