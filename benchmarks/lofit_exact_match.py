@@ -44,8 +44,8 @@ from transformers import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe_machine, load_average, machine_info, markdown_table, replace_section
 from lofit_truthfulqa import (
-    DTYPES,
     RESULTS,
+    add_run_arguments,
     apply_overrides,
     base_model,
     command_line,
@@ -209,15 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="64 train examples, 100 eval examples")
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
     parser.add_argument("--methods", default="base,lofit,loreft,lora", help="comma-separated subset")
-    parser.add_argument("--data-dir", default=None, help="folder with clutrr/ and mquake/ (default: ../shared/data)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU: add --dtype bf16)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the base model's dtype")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: all cores, or 1 when the machine is already busy)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="override a setting, e.g. --set lofit.lr=0.02 (dotted keys)")
-    parser.add_argument("--json", default=None, help="also write the raw results here")
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/lofit_results.md")
+    add_run_arguments(parser, "clutrr/ and mquake/")
     args = parser.parse_args(argv)
 
     threads = setup_threads(args.threads)

@@ -437,14 +437,9 @@ def settings_bullets(s: dict[str, Any], n_eval: int, split: str, selection_param
     return bullets
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="64 train questions, 100 eval questions")
-    parser.add_argument("--eval-split", choices=["val", "test"], default="test")
-    parser.add_argument("--methods", default="base,lofit,loreft,lora,iti,repe",
-                        help="comma-separated subset of base, lofit, loreft, lora, iti, repe and the ablation's "
-                             "lofit-random, lofit-other")
-    parser.add_argument("--data-dir", default=None, help="folder with truthfulqa/ (default: ../shared/data)")
+def add_run_arguments(parser: argparse.ArgumentParser, data: str) -> None:
+    """The options every LoFiT task benchmark takes (``data``: the data folder's subfolders it reads)."""
+    parser.add_argument("--data-dir", default=None, help=f"folder with {data} (default: ../shared/data)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU: add --dtype bf16)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the base model's dtype")
     parser.add_argument("--threads", type=int, default=None,
@@ -453,6 +448,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="override a setting, e.g. --set lofit.lr=0.02 (dotted keys)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/lofit_results.md")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64 train questions, 100 eval questions")
+    parser.add_argument("--eval-split", choices=["val", "test"], default="test")
+    parser.add_argument("--methods", default="base,lofit,loreft,lora,iti,repe",
+                        help="comma-separated subset of base, lofit, loreft, lora, iti, repe and the ablation's "
+                             "lofit-random, lofit-other")
+    add_run_arguments(parser, "truthfulqa/")
     parser.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
                         help="run nothing: render the tables from these --json files (several seeds and methods)")
     args = parser.parse_args(argv)
