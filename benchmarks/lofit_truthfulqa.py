@@ -81,7 +81,7 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "lora": {"epochs": 3, "lr": 5e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
         # learning-free baselines: the grids are searched on the validation questions (MC2), never on test
         "iti": {"heads": [8, 27], "alphas": [2.5, 5, 10, 15, 20, 30, 40], "val_fraction": 0.2},
-        "repe": {"layer_sets": [[15], list(range(10, 20))], "alphas": [4, 8, 16, 32, 64, 128], "method": "pca"},
+        "repe": {"layer_sets": [[15], list(range(10, 20))], "alphas": [4, 8, 16, 32, 64, 128, 256, 512], "method": "pca"},
         # the localization ablation: LoFiT's offsets (3 % of heads, same settings) on random heads and on heads
         # selected for another task (step 1 on that task's first training examples drawn with the seed)
         "ablation": {"fraction": 0.03, "other_task": "clutrr", "other_max_train": 128},
