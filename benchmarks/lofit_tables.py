@@ -14,7 +14,8 @@ Statistics (all on the same 409 test questions):
 * a difference between two methods is compared with the standard error of the difference. Where
   both methods have per-question scores for the same seed it is the *paired* one (standard
   deviation of the per-question differences ``/ sqrt(n)``, averaged over those seeds); otherwise the
-  unpaired ``sqrt(SE_a² + SE_b²)``, which is larger. A difference within one such SE is a **tie**.
+  unpaired ``sqrt(SE_a² + SE_b²)`` with each method's one-run SE (as in its cell), which is larger. A
+  difference is taken over the seeds both methods have; within one such SE it is a **tie**.
 """
 
 from __future__ import annotations
@@ -107,8 +108,21 @@ def summary(runs: Sequence[dict[str, Any]], metric: str) -> tuple[float, float |
     return 100 * statistics.fmean(r[metric] for r in runs), (100 * statistics.fmean(ses) if ses else None)
 
 
+def common_seeds(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> tuple[list, list]:
+    """The runs of ``a`` and ``b`` with a seed both have (the base model, seed-free, pairs with every run)."""
+    if b and b[0]["kind"] == "base":
+        return list(a), list(b)
+    seeds = {r["seed"] for r in a} & {r["seed"] for r in b}
+    return [r for r in a if r["seed"] in seeds], [r for r in b if r["seed"] in seeds]
+
+
 def difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], metric: str) -> tuple[float, float, str]:
-    """``mean(a) − mean(b)`` in points, the SE of that difference and which SE it is (paired / unpaired)."""
+    """``mean(a) − mean(b)`` in points over the seeds both have, the SE of that difference and which SE it
+    is (paired / unpaired)."""
+    all_a, all_b = a, b
+    a, b = common_seeds(a, b)
+    if not a:
+        return math.nan, math.nan, "n/a"
     delta = summary(a, metric)[0] - summary(b, metric)[0]
     b_by_seed = {r["seed"]: r for r in b}
     base_b = b[0] if b and b[0]["kind"] == "base" else None
@@ -120,14 +134,14 @@ def difference(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], metric:
             paired.append(statistics.stdev(d) / math.sqrt(len(d)))
     if paired:
         return delta, 100 * statistics.fmean(paired), "paired"
-    se_a, se_b = summary(a, metric)[1], summary(b, metric)[1]
+    se_a, se_b = summary(all_a, metric)[1], summary(all_b, metric)[1]  # a run's SE hardly depends on its seed
     if se_a is None or se_b is None:
         return delta, math.nan, "n/a"
     return delta, math.hypot(se_a, se_b), "unpaired"
 
 
 def verdict(delta: float, se: float) -> str:
-    if math.isnan(se):
+    if math.isnan(se) or math.isnan(delta):
         return "?"
     if abs(delta) <= se:
         return "tie"
@@ -190,8 +204,9 @@ def claims_table(rows: Sequence[dict[str, Any]]) -> str:
         for metric in METRICS:
             delta, se, kind = difference(by[a], by[b], metric)
             kinds.add(kind)
-            cells.append(f"{delta:+.1f} ± {se:.1f} ({verdict(delta, se)})")
-        seeds = sorted({r["seed"] for r in by[a]} & {r["seed"] for r in by[b]} or {r["seed"] for r in by[a]})
+            cells.append(f"{delta:+.1f} (no SE recorded)" if math.isnan(se) else
+                         f"{delta:+.1f} ± {se:.1f} ({verdict(delta, se)})")
+        seeds = sorted({r["seed"] for r in common_seeds(by[a], by[b])[0]})
         table.append([claim, f"{labels[a]} − {labels[b].split(' (')[0]}", *cells,
                       "/".join(sorted(kinds)), ", ".join(map(str, seeds))])
     return markdown_table(["claim", "difference", "Δ MC1 points (± SE)", "Δ MC2 points (± SE)", "SE", "seeds"], table)
@@ -210,11 +225,13 @@ def search_table(rows: Sequence[dict[str, Any]]) -> str:
     """ITI's and RepE's validation searches: MC2 % on the validation questions for each setting, per seed."""
     by = by_kind(rows)
     table = []
-    for kind, what in (("iti", "K = {} heads"), ("repe", "layers {}")):
+    for kind, what in (("iti", "K = {} heads"), ("repe", "layer(s) {}")):
         for r in by.get(kind, []):
             for setting, scores in r.get("search", {}).items():
                 cells = ", ".join(f"α {float(a):g}: {100 * v:.1f}" for a, v in scores.items())
-                table.append([KINDS[kind].split(" (")[0], str(r["seed"]), what.format(setting), cells])
+                layers = setting.split("-")
+                shown = setting if len(layers) < 2 else f"{layers[0]}-{layers[-1]}"
+                table.append([KINDS[kind].split(" (")[0], str(r["seed"]), what.format(shown), cells])
     return markdown_table(["method", "seed", "setting", "validation MC2 % by α"], table) if table else ""
 
 
@@ -257,9 +274,9 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
         "",
         claims_table(rows),
         "",
-        "A difference within one standard error is a tie. \"paired\": the SE of the per-question differences "
-        "(same questions, same seed); \"unpaired\": sqrt(SE_a² + SE_b²), used where a run kept no per-question "
-        "scores.",
+        "Each difference is taken over the seeds both methods have; within one standard error it is a tie. "
+        "\"paired\": the SE of the per-question differences (same questions, same seed); \"unpaired\": "
+        "sqrt(SE_a² + SE_b²) with the SEs of the cells above, used where a run kept no per-question scores.",
         "",
         "Settings (each run: `python benchmarks/lofit_truthfulqa.py --methods ... --set seed=S --json RUN.json`; "
         "the tables: `python benchmarks/lofit_truthfulqa.py --combine RUN.json ...`):",

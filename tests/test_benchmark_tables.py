@@ -63,3 +63,6 @@ def test_seeds_average_and_the_base_model_counts_once():
     assert lofit_tables.summary(by["lofit3"], "mc1")[0] == pytest.approx(62.5)
     text = lofit_tables.claims_table([base, *lofit, random_heads])
     assert "LoFiT 3% − LoFiT 3% on random heads" in text
+    # a method with one seed is compared on that seed only
+    one_seed = lofit_tables.difference(by["lofit3"], by["lofit-random"], "mc1")
+    assert one_seed[0] == pytest.approx(100 * (lofit[0]["mc1"] - random_heads["mc1"])) and one_seed[2] == "paired"
