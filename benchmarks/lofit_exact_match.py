@@ -203,6 +203,21 @@ def report(results, settings, info, args) -> str:
     ])
 
 
+def combine(args) -> None:
+    """``--combine``: the section for ``args.task`` from saved runs (the first one has every method)."""
+    from lofit_tables import load_runs, render_exact_match
+
+    first = json.loads(Path(args.combine[0]).read_text())
+    if first.get("task") != args.task:
+        sys.exit(f"{args.combine[0]} is not a {args.task} run")
+    run_args = argparse.Namespace(**{**vars(args), "quick": first["settings"]["train_examples"] == 64})
+    rows, _ = load_runs(args.combine)
+    text = report(first["results"], first["settings"], first["machine"], run_args) + "\n\n" + render_exact_match(rows)
+    print(text)
+    if not args.no_write:
+        replace_section(RESULTS, args.task, text)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["clutrr", "mquake"], required=True)
@@ -210,7 +225,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
     parser.add_argument("--methods", default="base,lofit,loreft,lora", help="comma-separated subset")
     add_run_arguments(parser, "clutrr/ and mquake/")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
+                        help="run nothing: the first run's table (all methods), then every run's methods over the "
+                             "seeds, from these --json files")
     args = parser.parse_args(argv)
+    if args.combine:
+        combine(args)
+        return
 
     threads = setup_threads(args.threads)
     settings = apply_overrides(default_settings(args.task, args.quick), args.set)

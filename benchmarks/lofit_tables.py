@@ -57,6 +57,8 @@ CLAIMS = [
     ("task-specific heads matter", "lofit3", "lofit-other"),
 ]
 METRICS = ("mc1", "mc2")
+#: Column names of the metrics (``em``: exact match, the rows of ``lofit_exact_match.py``).
+METRIC_NAMES = {"mc1": "MC1 %", "mc2": "MC2 %", "em": "exact match %"}
 
 
 def kind_of(result: dict[str, Any]) -> str:
@@ -81,13 +83,21 @@ def run_se(result: dict[str, Any], metric: str) -> float | None:
     return None
 
 
+def _exact_match_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A ``lofit_exact_match.py`` row in this module's terms: metric ``em`` with its SE and per-example scores."""
+    return {**r, "em": r["accuracy"], "em_se": r.get("accuracy_se"),
+            "per_question": {"em": [float(x) for x in r["per_example"]]}}
+
+
 def load_runs(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every result row of the files (each tagged with its seed and kind), and each file's header."""
     rows, headers = [], []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        headers.append({"file": Path(path).name, "settings": data["settings"], "machine": data["machine"]})
+        headers.append({"file": Path(path).name, "settings": data["settings"], "machine": data["machine"],
+                        "task": data.get("task", "truthfulqa")})
         for r in data["results"]:
+            r = _exact_match_row(r) if "accuracy" in r else r
             rows.append({**r, "seed": r.get("seed", data["settings"]["seed"]), "kind": kind_of(r)})
     return rows, headers
 
@@ -153,10 +163,10 @@ def _cell(runs: Sequence[dict[str, Any]], metric: str) -> str:
     return f"{mean:.1f} ± {se:.1f}" if se is not None else f"{mean:.1f}"
 
 
-def _per_seed(runs: Sequence[dict[str, Any]]) -> str:
+def _per_seed(runs: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
     if runs[0]["kind"] == "base":
         return "(no training)"
-    return "; ".join(f"{r['seed']}: {100 * r['mc1']:.1f} / {100 * r['mc2']:.1f}" for r in runs)
+    return "; ".join(f"{r['seed']}: " + " / ".join(f"{100 * r[m]:.1f}" for m in metrics) for r in runs)
 
 
 def _params(runs: Sequence[dict[str, Any]]) -> str:
@@ -182,16 +192,18 @@ def _choices(runs: Sequence[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def main_table(rows: Sequence[dict[str, Any]]) -> str:
+def main_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
     by = by_kind(rows)
     n = rows[0]["n"]
-    table = [[KINDS[k], _cell(by[k], "mc1"), _cell(by[k], "mc2"), _params(by[k]), _per_seed(by[k])]
+    table = [[KINDS[k], *(_cell(by[k], m) for m in metrics), _params(by[k]), _per_seed(by[k], metrics)]
              for k in KINDS if k in by]
-    return markdown_table(["method", f"MC1 % (test, n={n})", "MC2 % (test)", "trainable params",
-                           "per seed: MC1 / MC2"], table)
+    names = [METRIC_NAMES[m] for m in metrics]
+    return markdown_table(["method", f"{names[0]} (test, n={n})", *(f"{name} (test)" for name in names[1:]),
+                           "trainable params", "per seed: " + " / ".join(n.removesuffix(" %") for n in names)],
+                          table)
 
 
-def claims_table(rows: Sequence[dict[str, Any]]) -> str:
+def claims_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
     by = by_kind(rows)
     labels = {**KINDS, "lofit-random": "LoFiT 3% on random heads", "lofit-other": "LoFiT 3% on CLUTRR's heads",
               "lofit3": "LoFiT 3%", "lofit10": "LoFiT 10%"}
@@ -201,7 +213,7 @@ def claims_table(rows: Sequence[dict[str, Any]]) -> str:
             continue
         cells = []
         kinds = set()
-        for metric in METRICS:
+        for metric in metrics:
             delta, se, kind = difference(by[a], by[b], metric)
             kinds.add(kind)
             cells.append(f"{delta:+.1f} (no SE recorded)" if math.isnan(se) else
@@ -209,7 +221,8 @@ def claims_table(rows: Sequence[dict[str, Any]]) -> str:
         seeds = sorted({r["seed"] for r in common_seeds(by[a], by[b])[0]})
         table.append([claim, f"{labels[a]} − {labels[b].split(' (')[0]}", *cells,
                       "/".join(sorted(kinds)), ", ".join(map(str, seeds))])
-    return markdown_table(["claim", "difference", "Δ MC1 points (± SE)", "Δ MC2 points (± SE)", "SE", "seeds"], table)
+    names = [f"Δ {METRIC_NAMES[m].removesuffix(' %')} points (± SE)" for m in metrics]
+    return markdown_table(["claim", "difference", *names, "SE", "seeds"], table)
 
 
 def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -297,3 +310,17 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
         "seed, same step-1 settings). Heads shared with (a): " + (overlap(rows) or "-") + ".",
     ])
     return {"truthfulqa": main, "truthfulqa-ablation": ablation}
+
+
+def render_exact_match(rows: Sequence[dict[str, Any]]) -> str:
+    """The over-seeds table and the claims of an exact-match task (``lofit_exact_match.py --combine``)."""
+    return "\n".join([
+        "Over the seeds (each cell: mean ± the standard error of one run over the test examples):",
+        "",
+        main_table(rows, ("em",)),
+        "",
+        claims_table(rows, ("em",)),
+        "",
+        "Each difference is taken over the seeds both methods have; within one standard error it is a tie "
+        "(\"paired\": the SE of the per-example differences, same examples and seed).",
+    ])
