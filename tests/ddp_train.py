@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import end_worker
 
 PROMPTS = ["apple", "banana split", "cherry", "date", "elder", "fig tree", "grape", "honeydew"]
 OUTPUTS = ["r", "ye", "d", "b", "ee", "g", "p", "hh"]
@@ -85,3 +86,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()

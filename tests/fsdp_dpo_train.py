@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import end_worker
 
 STEPS = 4
 PAIRS, PROMPT, ANSWER = 4, 5, 3  # the global batch: 4 pairs, 5 prompt tokens, 3 answer tokens each
@@ -158,9 +159,9 @@ def main() -> None:
     report = {"rank": rank, "world_size": dist.get_world_size(), "losses": losses, "policy_logps": policy,
               "reference_logps": reference}
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
+    end_worker()

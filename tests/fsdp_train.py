@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import end_worker
 
 METHODS = ("loreft", "lofit")
 STEPS = 4
@@ -214,9 +215,9 @@ def main() -> None:
     _save(resumed, out / "loreft_resumed" / "final")
 
     (out / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()
+    end_worker()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_train import GLOBAL_BATCH, METHODS, RESUME_AT, STEPS, batch, build, make_optimizer, positions
+from helpers import end_worker
 
 CONFIG = {
     "train_micro_batch_size_per_gpu": GLOBAL_BATCH // 2,
@@ -108,3 +109,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()
