@@ -34,7 +34,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from lofit_truthfulqa import (
     head_dim,
     lofit_runs,
     log,
+    result_line,
     setup_threads,
     trainer_overrides,
 )
@@ -125,7 +126,7 @@ def run_lofit(rows, settings, args) -> list[dict[str, Any]]:
                         "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
                         "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
                         **scores_of(args.task, out["metrics"], out["per_example"], out["timing"]["eval_s"], rows)})
-        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
+        log(result_line(results[-1]))
     return results
 
 
@@ -252,20 +253,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     methods = args.methods.split(",")
     log(f"{len(pairs)} training examples, {len(eval_rows)} {args.eval_split} examples, {threads} thread(s), "
         f"settings {settings}")
+    runs: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "base": lambda: [{"method": "base model", "params": 0, "train_s": 0.0,
+                          **evaluate(args.task, base_model(settings), tokenizer, eval_rows, settings)}],
+        "lofit": lambda: run_lofit(eval_rows, settings, args),
+        "loreft": lambda: [run_loreft(args.task, tokenizer, pairs, eval_rows, settings, quiet)],
+        "lora": lambda: [run_lora(args.task, tokenizer, pairs, eval_rows, settings, quiet)],
+    }
+    unknown = sorted(set(methods) - set(runs))
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; choose from {', '.join(runs)}")
     results: list[dict[str, Any]] = []
-    if "base" in methods:
-        model = base_model(settings)
-        results.append({"method": "base model", "params": 0, "train_s": 0.0,
-                        **evaluate(args.task, model, tokenizer, eval_rows, settings)})
-        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
-    if "lofit" in methods:
-        results.extend(run_lofit(eval_rows, settings, args))
-    if "loreft" in methods:
-        results.append(run_loreft(args.task, tokenizer, pairs, eval_rows, settings, quiet))
-        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
-    if "lora" in methods:
-        results.append(run_lora(args.task, tokenizer, pairs, eval_rows, settings, quiet))
-        log(f"{results[-1]['method']}: {results[-1]['accuracy']:.3f}")
+    for name, run in runs.items():
+        if name in methods:
+            for result in run():
+                results.append(result)
+                log(result_line(result))
     info["load_end"] = load_average()
     for r in results:
         r["seed"] = settings["seed"]

@@ -63,6 +63,8 @@ from reftlib.lofit._fit import training_arguments
 from reftlib.offline import load_default_model
 
 RESULTS = DOCS / "lofit_results.md"
+#: What ``--methods`` may name, in the order they run.
+METHODS = ("base", "lofit", "loreft", "lora", "iti", "repe", "lofit-random", "lofit-other")
 
 
 # --------------------------------------------------------------------------- settings
@@ -188,6 +190,12 @@ def command_line(script: str, args) -> str:
     return " ".join(parts + [f"--set {item}" for item in args.set])
 
 
+def result_line(result: dict[str, Any]) -> str:
+    """One result row in a log line (the JSON keeps everything, per-question scores included)."""
+    scores = ", ".join(f"{name} {100 * result[name]:.1f}" for name in ("mc1", "mc2", "accuracy") if name in result)
+    return f"{result['method']}: {scores}"
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {load_average()[0]:.1f}] {message}", flush=True)
 
@@ -213,7 +221,7 @@ def run_lofit(settings, args) -> list[dict[str, Any]]:
             "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
             **scores_entry(out["metrics"], out["per_example"], out["timing"]["eval_s"]), "heads": chosen.heads,
         })
-        log(f"{results[-1]}")
+        log(result_line(results[-1]))
     return results
 
 
@@ -252,7 +260,7 @@ def run_lora(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
             "train_s": train_s, **scores}
 
 
-def run_lofit_ablation(settings, args, condition: str) -> dict[str, Any]:
+def run_lofit_ablation(settings, args, condition: str, tokenizer) -> dict[str, Any]:
     """LoFiT offsets on heads not selected for TruthfulQA: ``"random"`` heads (drawn with the seed) or
     ``"other"``: the heads step 1 selects for ``ablation.other_task`` (same step-1 settings, that task's
     loss). Everything else is the LoFiT row's run (same fraction, epochs, lr, seed, data)."""
@@ -263,7 +271,7 @@ def run_lofit_ablation(settings, args, condition: str) -> dict[str, Any]:
     if condition == "other":
         task = cfg["other_task"]
         data = load_task_data(task, args.data_dir, max_train=cfg["other_max_train"], seed=settings["seed"])
-        model, tokenizer = base_model(settings), load_default_model()[1]
+        model = base_model(settings)
         start = time.perf_counter()
         selection = select_heads(model, tokenizer, data.train, fraction=cfg["fraction"], l1=sel["l1"], lr=sel["lr"],
                                  epochs=sel["epochs"], batch_size=settings["batch_size"], beta=settings["beta"],
@@ -455,8 +463,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="64 train questions, 100 eval questions")
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
     parser.add_argument("--methods", default="base,lofit,loreft,lora,iti,repe",
-                        help="comma-separated subset of base, lofit, loreft, lora, iti, repe and the ablation's "
-                             "lofit-random, lofit-other")
+                        help=f"comma-separated subset of {', '.join(METHODS)} (the last two: the ablation)")
     add_run_arguments(parser, "truthfulqa/")
     parser.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
                         help="run nothing: render the tables from these --json files (several seeds and methods)")
@@ -493,34 +500,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = machine_info(torch.device(settings["device"]))
     _, tokenizer = load_default_model()
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     log(f"{len(triples)} training pairs, {len(eval_rows)} {args.eval_split} questions, {threads} thread(s), "
         f"settings {settings}")
 
+    val_rows = load_truthfulqa("val", args.data_dir)[: settings["val_questions"]] if {"iti", "repe"} & set(methods) else []
+    runs: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "base": lambda: [{"method": "base model", "params": 0, "train_s": 0.0,
+                          **evaluate(base_model(settings), tokenizer, eval_rows)}],
+        "lofit": lambda: run_lofit(settings, args),
+        "loreft": lambda: [run_loreft(tokenizer, triples, eval_rows, settings, quiet)],
+        "lora": lambda: [run_lora(tokenizer, triples, eval_rows, settings, quiet)],
+        "lofit-random": lambda: [run_lofit_ablation(settings, args, "random", tokenizer)],
+        "lofit-other": lambda: [run_lofit_ablation(settings, args, "other", tokenizer)],
+        "iti": lambda: [run_iti(tokenizer, train_rows, val_rows, eval_rows, settings)],
+        "repe": lambda: [run_repe(tokenizer, triples, val_rows, eval_rows, settings)],
+    }
     results: list[dict[str, Any]] = []
-    if "base" in methods:
-        model = base_model(settings)
-        results.append({"method": "base model", "params": 0, "train_s": 0.0, **evaluate(model, tokenizer, eval_rows)})
-        log(f"{results[-1]}")
-    if "lofit" in methods:
-        results.extend(run_lofit(settings, args))
-    if "loreft" in methods:
-        results.append(run_loreft(tokenizer, triples, eval_rows, settings, quiet))
-        log(f"{results[-1]}")
-    if "lora" in methods:
-        results.append(run_lora(tokenizer, triples, eval_rows, settings, quiet))
-        log(f"{results[-1]}")
-    for condition in ("random", "other"):
-        if f"lofit-{condition}" in methods:
-            results.append(run_lofit_ablation(settings, args, condition))
-            log(f"{results[-1]}")
-    if {"iti", "repe"} & set(methods):
-        val_rows = load_truthfulqa("val", args.data_dir)[: settings["val_questions"]]
-        if "iti" in methods:
-            results.append(run_iti(tokenizer, train_rows, val_rows, eval_rows, settings))
-            log(f"{results[-1]}")
-        if "repe" in methods:
-            results.append(run_repe(tokenizer, triples, val_rows, eval_rows, settings))
-            log(f"{results[-1]}")
+    for name, run in runs.items():
+        if name in methods:
+            for result in run():
+                results.append(result)
+                log(result_line(result))
     info["load_end"] = load_average()
     for r in results:
         r["seed"] = settings["seed"]
