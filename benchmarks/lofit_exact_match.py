@@ -21,6 +21,12 @@ Methods:
   :class:`reftlib.training.ReftTrainerForCausalLM`; generation intervenes on the prompt's last token.
 * **LoRA**: PEFT ``r=8, alpha=16`` on ``q_proj``/``v_proj``, trained with ``transformers.Trainer``
   on the same tokenized examples (the model's own causal-LM loss: the same cross-entropy).
+* **ITI** and **RepE** (learning-free): contrast pairs from the training examples, ``prompt + " " +
+  answer`` against ``prompt + " " + wrong answer`` (CLUTRR: another relation of the training set,
+  drawn with the seed; MQuAKE: the answer *before* the edit), at most ``iti.train_examples`` of them
+  (drawn with the seed). ITI probes every head on them and shifts the top K; RepE reads PCA vectors
+  of the residual stream. (K, α) and (layers, α) are searched on the first ``val_examples``
+  validation examples' exact match, never on test; both act at every token, generated ones too.
 
 ``python benchmarks/lofit_exact_match.py --task clutrr|mquake`` (the full configuration) or with
 ``--quick`` (64 train / 100 test examples). Results go into ``docs/lofit_results.md`` (section
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -51,14 +58,18 @@ from lofit_truthfulqa import (
     command_line,
     count_trainable,
     head_dim,
+    lofit_ablation_run,
     lofit_runs,
     log,
     result_line,
+    search_iti,
+    search_repe,
     setup_threads,
     trainer_overrides,
 )
 
 import reftlib
+from reftlib.evaluation import load_clutrr, load_mquake
 from reftlib.lofit import evaluate_task, get_task_spec, load_task_data, make_sft_dataset
 from reftlib.lofit._fit import training_arguments
 from reftlib.offline import load_default_model
@@ -77,6 +88,15 @@ def default_settings(task: str, quick: bool) -> dict[str, Any]:
         "lofit": {"epochs": spec.epochs, "lr": spec.lr, "fractions": [0.03, 0.10]},  # not tuned: the paper's upper end
         "loreft": {"epochs": 3, "lr": 1e-2, "rank": 4, "layer": 15},
         "lora": {"epochs": 3, "lr": 5e-4, "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]},
+        # learning-free baselines: contrast pairs from the training examples, grids searched on validation
+        "val_examples": 20 if quick else 100,  # the first N validation examples (MQuAKE has 95)
+        "iti": {"train_examples": 64 if quick else 1000, "heads": [8, 27], "alphas": [2.5, 5, 10, 20, 40],
+                "val_fraction": 0.2},
+        "repe": {"train_examples": 64 if quick else 1000, "layer_sets": [[15], list(range(10, 20))],
+                 "alphas": [4, 16, 64, 256], "method": "pca"},
+        # the localization ablation: LoFiT's offsets (3 % of heads, same settings) on random heads and on the heads
+        # step 1 selects for another task (with this run's step-1 settings; None = all its training examples)
+        "ablation": {"fraction": 0.03, "other_task": "truthfulqa", "other_max_train": 64 if quick else None},
         "seed": 42,
         "device": "cpu",  # --device / --dtype
         "dtype": "fp32",
@@ -130,6 +150,13 @@ def run_lofit(rows, settings, args) -> list[dict[str, Any]]:
     return results
 
 
+def run_ablation(task, settings, args, condition: str, tokenizer, rows) -> dict[str, Any]:
+    """LoFiT's offsets on random heads or on the other task's heads (``lofit_truthfulqa.lofit_ablation_run``)."""
+    out, row = lofit_ablation_run(task, settings, args, condition, tokenizer, settings["train_examples"],
+                                  settings["eval_examples"])
+    return {**row, **scores_of(task, out["metrics"], out["per_example"], out["timing"]["eval_s"], rows)}
+
+
 def run_loreft(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
     model = base_model(settings)
     cfg = settings["loreft"]
@@ -160,7 +187,70 @@ def run_lora(task, tokenizer, pairs, rows, settings, quiet) -> dict[str, Any]:
             "train_s": train_s, **evaluate(task, lora, tokenizer, rows, settings)}
 
 
-def report(results, settings, info, args) -> str:
+def contrast_texts(task: str, data_dir: Path, limit: int, seed: int) -> tuple[list[str], list[str]]:
+    """ITI's and RepE's two classes: ``prompt + " " + answer`` and ``prompt + " " + wrong answer`` for up to
+    ``limit`` training examples drawn with ``seed`` (CLUTRR: the wrong answer is another relation of the
+    training set, drawn with the seed; MQuAKE: the answer before the edit)."""
+    rng = random.Random(seed)
+    if task == "clutrr":
+        rows = load_clutrr("train", data_dir)
+        relations = sorted({r.target for r in rows})
+        pairs = [(r.prompt, r.target, rng.choice([x for x in relations if x != r.target])) for r in rows]
+    else:
+        rows = load_mquake("train", data_dir)
+        pairs = [(r.prompt, r.answer, r.original_answer) for r in rows
+                 if r.original_answer and r.original_answer.lower() != r.answer.lower()]
+    if limit < len(pairs):
+        pairs = rng.sample(pairs, limit)
+    return [f"{p} {a}" for p, a, _ in pairs], [f"{p} {b}" for p, _, b in pairs]
+
+
+def run_learning_free(method: str, task: str, tokenizer, data_dir: Path, val_rows, rows, settings) -> dict[str, Any]:
+    """ITI or RepE (``method``) with its grid searched on ``val_rows``' exact match, evaluated on ``rows``."""
+    pos, neg = contrast_texts(task, data_dir, settings[method]["train_examples"], settings["seed"])
+
+    def score(model):
+        return evaluate_task(task, model, tokenizer, val_rows, max_new_tokens=settings["max_new_tokens"],
+                             progress=False)["metrics"]["exact_match"]["value"]
+
+    if method == "iti":
+        reft_model, row = search_iti(tokenizer, pos, neg, None, score, None, settings)
+    else:
+        reft_model, row = search_repe(tokenizer, pos, neg, score, None, settings)
+    return {**row, **evaluate(task, reft_model, tokenizer, rows, settings)}
+
+
+def extra_settings(s: dict[str, Any], results, args) -> list[str]:
+    """The settings lines of ITI, RepE and the ablation (those the run has)."""
+    kinds = {r["method"].split(" ")[0] for r in results} | {"ablation" for r in results if "ablation" in r}
+    wrong = {"clutrr": "another relation of the training set (drawn with the seed)",
+             "mquake": "the answer before the edit"}[args.task]
+    val = f"the first {s['val_examples']} validation examples' exact match"
+    lines = []
+    if "ITI" in kinds:
+        lines.append(f"* ITI: probes on every head's last-token output of up to {s['iti']['train_examples']} training "
+                     f"examples (drawn with the seed), prompt + answer (positive) vs prompt + {wrong} (negative), "
+                     f"split {round(100 * (1 - s['iti']['val_fraction']))} / {round(100 * s['iti']['val_fraction'])} "
+                     f"for ranking heads; K ∈ {s['iti']['heads']} × α ∈ {s['iti']['alphas']} (α·σ·θ mass-mean shift "
+                     f"at every token) searched on {val}.")
+    if "RepE" in kinds:
+        sets = " and ".join(f"{g[0]}" if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in s["repe"]["layer_sets"])
+        lines.append(f"* RepE: {s['repe']['method']} reading vectors (unit length) of the residual stream "
+                     f"(`block_output`, last token) from the same contrast pairs (up to {s['repe']['train_examples']}); "
+                     f"α·v at every token; layers {sets} × α ∈ {s['repe']['alphas']} searched on {val}.")
+    if "ablation" in kinds:
+        a = s["ablation"]
+        other = get_task_spec(a["other_task"]).title
+        lines.append(f"* Localization ablation: LoFiT's offsets ({round(100 * a['fraction'])}% of heads, the LoFiT "
+                     f"row's settings) on random heads drawn with the seed, and on the heads step 1 selects for "
+                     f"{other} ({'all' if a['other_max_train'] is None else a['other_max_train']} training examples, "
+                     "the same step-1 settings, that task's loss).")
+    return lines
+
+
+def report(results, settings, info, args, settings_from=None) -> str:
+    """The run's table (``results``, with wall times) and the settings of every method in ``settings_from``
+    (default: ``results``)."""
     base = results[0]
     spec = get_task_spec(args.task)
     rows = []
@@ -168,7 +258,7 @@ def report(results, settings, info, args) -> str:
         delta = "" if r is base else f" ({100 * (r['accuracy'] - base['accuracy']):+.1f})"
         se = f" ± {100 * r['accuracy_se']:.1f}" if r.get("accuracy_se") is not None else ""
         train = "-" if r is base else f"{r['train_s'] / 60:.1f} min"
-        if "select_s" in r:
+        if r.get("select_s") and "ablation" not in r:
             train += f" (incl. {r['select_s'] / 60:.1f} min shared head selection)"
         lenient = [f"{100 * r['lenient']:.1f}"] if args.task == "clutrr" else []
         rows.append([r["method"], f"{100 * r['accuracy']:.1f}{se}{delta}", *lenient,
@@ -200,6 +290,7 @@ def report(results, settings, info, args) -> str:
         f"{s['loreft']['epochs']} epochs, lr {s['loreft']['lr']}.",
         f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, "
         f"{s['lora']['epochs']} epochs, lr {s['lora']['lr']} (`transformers.Trainer`, the model's causal-LM loss).",
+        *extra_settings(s, settings_from or results, args),
         f"* Evaluation: greedy generation (≤ {s['max_new_tokens']} new tokens), first line, stripped, "
         f"case-insensitive exact match against {what[2]} on {base['n']} {args.eval_split} examples; ± one standard "
         "error over the examples." + (" The third column also accepts the answer followed by a period."
@@ -208,18 +299,31 @@ def report(results, settings, info, args) -> str:
 
 
 def combine(args) -> None:
-    """``--combine``: the section for ``args.task`` from saved runs (the first one has every method)."""
+    """``--combine``: the sections for ``args.task`` from saved runs (the first one's table, with its wall times,
+    then every run's methods over the seeds, the claims and, when run, the localization ablation)."""
     from lofit_tables import load_runs, render_exact_match
 
     first = json.loads(Path(args.combine[0]).read_text())
     if first.get("task") != args.task:
         sys.exit(f"{args.combine[0]} is not a {args.task} run")
     run_args = argparse.Namespace(**{**vars(args), "quick": first["settings"]["train_examples"] == 64})
-    rows, _ = load_runs(args.combine)
-    text = report(first["results"], first["settings"], first["machine"], run_args) + "\n\n" + render_exact_match(rows)
+    rows, headers = load_runs(args.combine)
+    if any(h["task"] != args.task for h in headers):
+        sys.exit(f"--combine: every file must be a {args.task} run")
+    settings: dict[str, Any] = {}
+    for h in reversed(headers):  # every run's settings, the first run's where they overlap
+        settings.update(h["settings"])
+    sections = render_exact_match(rows, get_task_spec(args.task).title, n_val=settings.get("val_examples"))
+    files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
+    text = "\n\n".join([report(first["results"], settings, first["machine"], run_args, settings_from=rows),
+                         sections["main"], f"Runs: {files}."])
     print(text)
     if not args.no_write:
         replace_section(RESULTS, args.task, text)
+    if "ablation" in sections:
+        print(sections["ablation"])
+        if not args.no_write:
+            replace_section(RESULTS, f"{args.task}-ablation", sections["ablation"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -227,7 +331,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--task", choices=["clutrr", "mquake"], required=True)
     parser.add_argument("--quick", action="store_true", help="64 train examples, 100 eval examples")
     parser.add_argument("--eval-split", choices=["val", "test"], default="test")
-    parser.add_argument("--methods", default="base,lofit,loreft,lora", help="comma-separated subset")
+    parser.add_argument("--methods", default="base,lofit,loreft,lora,iti,repe",
+                        help="comma-separated subset of base, lofit, loreft, lora, iti, repe, lofit-random, "
+                             "lofit-other (the last two: the localization ablation)")
     add_run_arguments(parser, "clutrr/ and mquake/")
     parser.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
                         help="run nothing: the first run's table (all methods), then every run's methods over the "
@@ -246,6 +352,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except reftlib.ReftError as exc:
         sys.exit(f"{get_task_spec(args.task).title} data not found, skipping the benchmark: {exc}")
     pairs, eval_rows = data.train, data.eval_rows
+
+    def val_rows():
+        return load_task_data(args.task, data.data_dir, eval_split="val", max_eval=settings["val_examples"]).eval_rows
+
     settings["n_train"] = len(pairs)
     quiet = trainer_overrides(settings)
     info = machine_info(torch.device(settings["device"]))
@@ -259,6 +369,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "lofit": lambda: run_lofit(eval_rows, settings, args),
         "loreft": lambda: [run_loreft(args.task, tokenizer, pairs, eval_rows, settings, quiet)],
         "lora": lambda: [run_lora(args.task, tokenizer, pairs, eval_rows, settings, quiet)],
+        "lofit-random": lambda: [run_ablation(args.task, settings, args, "random", tokenizer, eval_rows)],
+        "lofit-other": lambda: [run_ablation(args.task, settings, args, "other", tokenizer, eval_rows)],
+        "iti": lambda: [run_learning_free("iti", args.task, tokenizer, data.data_dir, val_rows(), eval_rows, settings)],
+        "repe": lambda: [run_learning_free("repe", args.task, tokenizer, data.data_dir, val_rows(), eval_rows,
+                                           settings)],
     }
     unknown = sorted(set(methods) - set(runs))
     if unknown:

@@ -1,10 +1,11 @@
-"""TruthfulQA results over several runs (seeds): the main table, the claims, the localization ablation.
+"""LoFiT results over several runs (seeds): the main table, the claims, the validation searches, the ablation.
 
-``python benchmarks/lofit_truthfulqa.py --combine RUN.json [RUN.json ...]`` reads the JSON files that
-``lofit_truthfulqa.py --json`` wrote (one or more methods per file, each with its seed) and renders
-the sections of ``docs/lofit_results.md`` from them, without running anything.
+``python benchmarks/lofit_truthfulqa.py --combine RUN.json [RUN.json ...]`` (and ``lofit_exact_match.py
+--task clutrr|mquake --combine ...``) reads the JSON files the benchmark's ``--json`` wrote (one or more
+methods per file, each with its seed) and renders the sections of ``docs/lofit_results.md`` from
+them, without running anything.
 
-Statistics (all on the same 409 test questions):
+Statistics (all on the same test questions or examples):
 
 * a method's cell is the mean over its seeds, ``± SE`` the standard error of one run over the
   questions (MC1: ``sqrt(p(1 − p) / (n − 1))``; MC2: the sample standard deviation over questions
@@ -39,9 +40,10 @@ KINDS = {
     "lofit3": "LoFiT (3% = 8 heads)",
     "lofit10": "LoFiT (10% = 27 heads)",
 }
+#: The localization ablation's rows (``{task}``/``{other}``: the task's and the other task's names).
 ABLATION = {
-    "lofit3": "(a) heads selected for TruthfulQA",
-    "lofit-other": "(b) heads selected for CLUTRR",
+    "lofit3": "(a) heads selected for {task}",
+    "lofit-other": "(b) heads selected for {other}",
     "lofit-random": "(c) random heads (same count)",
 }
 #: The comparisons that decide the LoFiT paper's claims: (claim, kind a, kind b).
@@ -83,7 +85,7 @@ def run_se(result: dict[str, Any], metric: str) -> float | None:
     return None
 
 
-def _exact_match_row(r: dict[str, Any]) -> dict[str, Any]:
+def exact_match_row(r: dict[str, Any]) -> dict[str, Any]:
     """A ``lofit_exact_match.py`` row in this module's terms: metric ``em`` with its SE and per-example scores."""
     return {**r, "em": r["accuracy"], "em_se": r.get("accuracy_se"),
             "per_question": {"em": [float(x) for x in r["per_example"]]}}
@@ -97,7 +99,7 @@ def load_runs(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[d
         headers.append({"file": Path(path).name, "settings": data["settings"], "machine": data["machine"],
                         "task": data.get("task", "truthfulqa")})
         for r in data["results"]:
-            r = _exact_match_row(r) if "accuracy" in r else r
+            r = exact_match_row(r) if "accuracy" in r else r
             rows.append({**r, "seed": r.get("seed", data["settings"]["seed"]), "kind": kind_of(r)})
     return rows, headers
 
@@ -203,9 +205,18 @@ def main_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS)
                           table)
 
 
+def other_task(rows: Sequence[dict[str, Any]]) -> str:
+    """The name of the task whose heads the ablation's (b) row used (read from its label)."""
+    for r in rows:
+        if r["kind"] == "lofit-other" and "selected for " in r["method"]:
+            return r["method"].split("selected for ", 1)[1].removesuffix(")")
+    return "the other task"
+
+
 def claims_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS) -> str:
     by = by_kind(rows)
-    labels = {**KINDS, "lofit-random": "LoFiT 3% on random heads", "lofit-other": "LoFiT 3% on CLUTRR's heads",
+    labels = {**KINDS, "lofit-random": "LoFiT 3% on random heads",
+              "lofit-other": f"LoFiT 3% on {other_task(rows).split(' (')[0]}'s heads",
               "lofit3": "LoFiT 3%", "lofit10": "LoFiT 10%"}
     table = []
     for claim, a, b in CLAIMS:
@@ -225,17 +236,20 @@ def claims_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRIC
     return markdown_table(["claim", "difference", *names, "SE", "seeds"], table)
 
 
-def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
+def ablation_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS, task: str = "TruthfulQA") -> str:
     by = by_kind(rows)
-    table = [[label, _cell(by[k], "mc1"), _cell(by[k], "mc2"), _per_seed(by[k])] for k, label in ABLATION.items()
-             if k in by]
+    other = other_task(rows)
+    table = [[label.format(task=task, other=other), *(_cell(by[k], m) for m in metrics), _per_seed(by[k], metrics)]
+             for k, label in ABLATION.items() if k in by]
     if "base" in by:
-        table.insert(0, ["base model (no offsets)", _cell(by["base"], "mc1"), _cell(by["base"], "mc2"), "-"])
-    return markdown_table(["heads (3% = 8 of 270)", "MC1 % (test)", "MC2 % (test)", "per seed: MC1 / MC2"], table)
+        table.insert(0, ["base model (no offsets)", *(_cell(by["base"], m) for m in metrics), "-"])
+    names = [METRIC_NAMES[m] for m in metrics]
+    return markdown_table(["heads (3% = 8 of 270)", *(f"{name} (test)" for name in names),
+                           "per seed: " + " / ".join(n.removesuffix(" %") for n in names)], table)
 
 
-def search_table(rows: Sequence[dict[str, Any]]) -> str:
-    """ITI's and RepE's validation searches: MC2 % on the validation questions for each setting, per seed."""
+def search_table(rows: Sequence[dict[str, Any]], metric: str = "MC2") -> str:
+    """ITI's and RepE's validation searches: ``metric`` % on the validation data for each setting, per seed."""
     by = by_kind(rows)
     table = []
     for kind, what in (("iti", "K = {} heads"), ("repe", "layer(s) {}")):
@@ -245,7 +259,7 @@ def search_table(rows: Sequence[dict[str, Any]]) -> str:
                 layers = setting.split("-")
                 shown = setting if len(layers) < 2 else f"{layers[0]}-{layers[-1]}"
                 table.append([KINDS[kind].split(" (")[0], str(r["seed"]), what.format(shown), cells])
-    return markdown_table(["method", "seed", "setting", "validation MC2 % by α"], table) if table else ""
+    return markdown_table(["method", "seed", "setting", f"validation {metric} % by α"], table) if table else ""
 
 
 def overlap(rows: Sequence[dict[str, Any]]) -> str:
@@ -312,15 +326,34 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
     return {"truthfulqa": main, "truthfulqa-ablation": ablation}
 
 
-def render_exact_match(rows: Sequence[dict[str, Any]]) -> str:
-    """The over-seeds table and the claims of an exact-match task (``lofit_exact_match.py --combine``)."""
-    return "\n".join([
+def render_exact_match(rows: Sequence[dict[str, Any]], task: str, n_val: int | None = None) -> dict[str, str]:
+    """The over-seeds tables of an exact-match task (``lofit_exact_match.py --combine``): the main table, the
+    claims and ITI's/RepE's validation searches (key ``"main"``), and the localization ablation (key
+    ``"ablation"``, when the runs have it)."""
+    by = by_kind(rows)
+    choices = [f"{KINDS[k].split(' (')[0]}: {_choices(by[k])}" for k in ("iti", "repe") if k in by]
+    searches = search_table(rows, "exact match")
+    main = "\n".join([
         "Over the seeds (each cell: mean ± the standard error of one run over the test examples):",
         "",
         main_table(rows, ("em",)),
         "",
+        *([f"Chosen on validation: {'; '.join(choices)}.", ""] if choices else []),
+        *([f"Validation searches ({n_val} examples; the best exact match is used on test):", "", searches, ""]
+          if searches else []),
         claims_table(rows, ("em",)),
         "",
         "Each difference is taken over the seeds both methods have; within one standard error it is a tie "
         "(\"paired\": the SE of the per-example differences, same examples and seed).",
     ])
+    out = {"main": main}
+    if "lofit-random" in by or "lofit-other" in by:
+        out["ablation"] = "\n".join([
+            f"### Localization ablation on {task}, SmolLM2-135M-Instruct (full configuration)",
+            "",
+            ablation_table(rows, ("em",), task),
+            "",
+            "Same offsets training for every row (the LoFiT 3 % row's settings and data); only the heads differ. "
+            "Heads shared with (a): " + (overlap(rows) or "-") + ".",
+        ])
+    return out

@@ -260,36 +260,46 @@ def run_lora(tokenizer, triples, rows, settings, quiet) -> dict[str, Any]:
             "train_s": train_s, **scores}
 
 
-def run_lofit_ablation(settings, args, condition: str, tokenizer) -> dict[str, Any]:
-    """LoFiT offsets on heads not selected for TruthfulQA: ``"random"`` heads (drawn with the seed) or
+def lofit_ablation_run(task: str, settings, args, condition: str, tokenizer, max_train: int | None,
+                       max_eval: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """LoFiT offsets on heads not selected for ``task``: ``"random"`` heads (drawn with the seed) or
     ``"other"``: the heads step 1 selects for ``ablation.other_task`` (same step-1 settings, that task's
-    loss). Everything else is the LoFiT row's run (same fraction, epochs, lr, seed, data)."""
+    loss). Everything else is the LoFiT row's run (same fraction, epochs, lr, seed, data).
+
+    Returns :func:`reftlib.lofit.run_lofit_task`'s output and the result row's fields (scores not included)."""
     cfg, sel = settings["ablation"], settings["select"]
     extra: dict[str, Any] = {"random_heads": True}
     label = "random heads"
     select_s = 0.0
     if condition == "other":
-        task = cfg["other_task"]
-        data = load_task_data(task, args.data_dir, max_train=cfg["other_max_train"], seed=settings["seed"])
+        other = cfg["other_task"]
+        data = load_task_data(other, args.data_dir, max_train=cfg["other_max_train"], seed=settings["seed"])
         model = base_model(settings)
         start = time.perf_counter()
         selection = select_heads(model, tokenizer, data.train, fraction=cfg["fraction"], l1=sel["l1"], lr=sel["lr"],
-                                 epochs=sel["epochs"], batch_size=settings["batch_size"], beta=settings["beta"],
-                                 seed=settings["seed"], training_args=trainer_overrides(settings))
+                                 epochs=sel["epochs"], batch_size=settings["batch_size"],
+                                 beta=get_task_spec(other).beta, seed=settings["seed"],
+                                 training_args=trainer_overrides(settings))
         select_s = time.perf_counter() - start
-        log(f"heads selected for {task} ({len(data.train)} training examples): {selection}")
+        log(f"heads selected for {other} ({len(data.train)} training examples): {selection}")
         extra = {"heads_from": selection}
-        label = f"heads selected for {get_task_spec(task).title}"
+        label = f"heads selected for {get_task_spec(other).title}"
     out = run_lofit_task(
-        "truthfulqa", data_dir=args.data_dir, heads=cfg["fraction"], seed=settings["seed"],
-        max_train=settings["train_questions"], max_eval=settings["eval_questions"], eval_split=args.eval_split,
-        epochs=settings["lofit"]["epochs"], lr=settings["lofit"]["lr"], batch_size=settings["batch_size"],
-        device=settings["device"], dtype=settings["dtype"], progress=False, plot=False, log=log, **extra)
+        task, data_dir=args.data_dir, heads=cfg["fraction"], seed=settings["seed"], max_train=max_train,
+        max_eval=max_eval, eval_split=args.eval_split, epochs=settings["lofit"]["epochs"], lr=settings["lofit"]["lr"],
+        batch_size=settings["batch_size"], device=settings["device"], dtype=settings["dtype"], progress=False,
+        plot=False, log=log, **extra)
     k = out["heads"]["k"]
-    return {"method": f"LoFiT ({round(cfg['fraction'] * 100)}% = {k} {label})", "ablation": condition,
-            "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
-            "select_s": select_s, "heads": [tuple(h) for h in out["heads"]["selected"]],
-            **scores_entry(out["metrics"], out["per_example"], out["timing"]["eval_s"])}
+    return out, {"method": f"LoFiT ({round(cfg['fraction'] * 100)}% = {k} {label})", "ablation": condition,
+                 "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
+                 "select_s": select_s, "heads": [tuple(h) for h in out["heads"]["selected"]]}
+
+
+def run_lofit_ablation(settings, args, condition: str, tokenizer) -> dict[str, Any]:
+    """:func:`lofit_ablation_run` on TruthfulQA, scored."""
+    out, row = lofit_ablation_run("truthfulqa", settings, args, condition, tokenizer, settings["train_questions"],
+                                  settings["eval_questions"])
+    return {**row, **scores_entry(out["metrics"], out["per_example"], out["timing"]["eval_s"])}
 
 
 def answer_texts(rows) -> tuple[list[str], list[str], list[int], list[int]]:
@@ -306,56 +316,73 @@ def answer_texts(rows) -> tuple[list[str], list[str], list[int], list[int]]:
     return pos, neg, pos_q, neg_q
 
 
-def run_iti(tokenizer, train_rows, val_rows, rows, settings) -> dict[str, Any]:
-    """ITI: probes on the train questions' answers, (K, α) chosen on the validation questions' MC2."""
+def search_iti(tokenizer, pos, neg, groups, score_fn, metric: str | None, settings) -> tuple[Any, dict[str, Any]]:
+    """ITI on the base model: probes on ``pos``/``neg`` texts (``groups`` keep related texts in one split),
+    then (K, α) searched over ``settings["iti"]``'s grid with ``score_fn`` (validation data only).
+
+    Returns the ITI model with the chosen (K, α) and the result row's fields (choice, search, timing)."""
     model = base_model(settings)
     cfg = settings["iti"]
-    pos, neg, pos_q, neg_q = answer_texts(train_rows)
     start = time.perf_counter()
-    probes = iti_probe_heads(model, tokenizer, pos, neg, groups=pos_q + neg_q, val_fraction=cfg["val_fraction"],
+    probes = iti_probe_heads(model, tokenizer, pos, neg, groups=groups, val_fraction=cfg["val_fraction"],
                              seed=settings["seed"], progress=False)
     probe_s = time.perf_counter() - start
     search = {}
     for k in cfg["heads"]:
-        found = tune_iti_alpha(model, probes, lambda m: evaluate(m, tokenizer, val_rows), alphas=cfg["alphas"], k=k,
-                               metric="mc2")
+        found = tune_iti_alpha(model, probes, score_fn, alphas=cfg["alphas"], k=k, metric=metric)
         search[k] = found.scores
-        log(f"ITI K={k}: validation MC2 by alpha {found.scores}")
+        log(f"ITI K={k}: validation {metric or 'score'} by alpha {found.scores}")
     k, alpha = max(((k, a) for k in search for a in search[k]), key=lambda ka: search[ka[0]][ka[1]])
     tune_s = time.perf_counter() - start - probe_s
     reft_model = apply_iti(model, probes, k=k, alpha=alpha)
     reft_model.eval()
-    return {"method": f"ITI ({k} heads, α = {alpha:g})", "params": 0, "computed_values": k * probes.head_dim,
-            "train_s": probe_s + tune_s, "tune_s": tune_s, "choice": {"heads": k, "alpha": alpha},
-            "search": {str(k): v for k, v in search.items()}, "heads": probes.top(k),
-            **evaluate(reft_model, tokenizer, rows)}
+    return reft_model, {"method": f"ITI ({k} heads, α = {alpha:g})", "params": 0,
+                        "computed_values": k * probes.head_dim, "train_s": probe_s + tune_s, "tune_s": tune_s,
+                        "choice": {"heads": k, "alpha": alpha}, "search": {str(k): v for k, v in search.items()},
+                        "heads": probes.top(k), "probe_texts": len(pos) + len(neg)}
 
 
-def run_repe(tokenizer, triples, val_rows, rows, settings) -> dict[str, Any]:
-    """RepE: reading vectors from the training pairs (chosen vs rejected answer), (layers, α) chosen on the
-    validation questions' MC2, added at every token."""
+def search_repe(tokenizer, pos, neg, score_fn, metric: str | None, settings) -> tuple[Any, dict[str, Any]]:
+    """RepE on the base model: reading vectors from the paired ``pos[i]``/``neg[i]`` texts, then (layers, α)
+    searched over ``settings["repe"]``'s grid with ``score_fn`` (validation data only), added at every token.
+
+    Returns the RepE model with the chosen (layers, α) and the result row's fields."""
     model = base_model(settings)
     cfg = settings["repe"]
     layers = sorted({layer for group in cfg["layer_sets"] for layer in group})
     start = time.perf_counter()
-    vectors = repe_reading_vectors(model, tokenizer, [p + c for p, c, _ in triples], [p + r for p, _, r in triples],
-                                   layers, method=cfg["method"], progress=False)
+    vectors = repe_reading_vectors(model, tokenizer, pos, neg, layers, method=cfg["method"], progress=False)
     read_s = time.perf_counter() - start
     search = {}
     for group in cfg["layer_sets"]:
-        found = tune_repe_alpha(model, vectors, lambda m: evaluate(m, tokenizer, val_rows), alphas=cfg["alphas"],
-                                layers=group, metric="mc2")
+        found = tune_repe_alpha(model, vectors, score_fn, alphas=cfg["alphas"], layers=group, metric=metric)
         search[tuple(group)] = found.scores
-        log(f"RepE layers {group}: validation MC2 by alpha {found.scores}")
+        log(f"RepE layers {group}: validation {metric or 'score'} by alpha {found.scores}")
     group, alpha = max(((g, a) for g in search for a in search[g]), key=lambda ga: search[ga[0]][ga[1]])
     tune_s = time.perf_counter() - start - read_s
     reft_model = apply_repe(model, vectors, alpha, group)
     reft_model.eval()
     where = f"layer {group[0]}" if len(group) == 1 else f"layers {group[0]}-{group[-1]}"
-    return {"method": f"RepE ({cfg['method']} reading vectors, {where}, α = {alpha:g})", "params": 0,
-            "computed_values": len(group) * model.config.hidden_size, "train_s": read_s + tune_s, "tune_s": tune_s,
-            "choice": {"layers": list(group), "alpha": alpha},
-            "search": {"-".join(map(str, g)): v for g, v in search.items()}, **evaluate(reft_model, tokenizer, rows)}
+    return reft_model, {"method": f"RepE ({cfg['method']} reading vectors, {where}, α = {alpha:g})", "params": 0,
+                        "computed_values": len(group) * model.config.hidden_size, "train_s": read_s + tune_s,
+                        "tune_s": tune_s, "choice": {"layers": list(group), "alpha": alpha},
+                        "search": {"-".join(map(str, g)): v for g, v in search.items()}, "probe_texts": len(pos)}
+
+
+def run_iti(tokenizer, train_rows, val_rows, rows, settings) -> dict[str, Any]:
+    """ITI: probes on the train questions' answers, (K, α) chosen on the validation questions' MC2."""
+    pos, neg, pos_q, neg_q = answer_texts(train_rows)
+    reft_model, row = search_iti(tokenizer, pos, neg, pos_q + neg_q, lambda m: evaluate(m, tokenizer, val_rows),
+                                 "mc2", settings)
+    return {**row, **evaluate(reft_model, tokenizer, rows)}
+
+
+def run_repe(tokenizer, triples, val_rows, rows, settings) -> dict[str, Any]:
+    """RepE: reading vectors from the training pairs (chosen vs rejected answer), (layers, α) chosen on the
+    validation questions' MC2, added at every token."""
+    reft_model, row = search_repe(tokenizer, [p + c for p, c, _ in triples], [p + r for p, _, r in triples],
+                                  lambda m: evaluate(m, tokenizer, val_rows), "mc2", settings)
+    return {**row, **evaluate(reft_model, tokenizer, rows)}
 
 
 def train(trainer_cls: Callable, model, tokenizer, module, cfg, settings, quiet) -> None:

@@ -66,3 +66,37 @@ def test_seeds_average_and_the_base_model_counts_once():
     # a method with one seed is compared on that seed only
     one_seed = lofit_tables.difference(by["lofit3"], by["lofit-random"], "mc1")
     assert one_seed[0] == pytest.approx(100 * (lofit[0]["mc1"] - random_heads["mc1"])) and one_seed[2] == "paired"
+
+
+def _exact_match_run(method: str, seed: int, correct: list[bool], **extra) -> dict:
+    """A row as ``lofit_exact_match.py --json`` writes it, read back as ``load_runs`` does."""
+    n = len(correct)
+    p = sum(correct) / n
+    row = {"method": method, "seed": seed, "n": n, "accuracy": p, "accuracy_se": math.sqrt(p * (1 - p) / (n - 1)),
+           "per_example": correct, "params": 512, **extra}
+    row = lofit_tables.exact_match_row(row)
+    return {**row, "kind": lofit_tables.kind_of(row)}
+
+
+def test_exact_match_sections_name_the_tasks_and_show_the_searches():
+    """CLUTRR's sections: the ablation's rows name CLUTRR and the task whose heads (b) used (read from the
+    row's label), the validation searches are in exact-match terms, and the claims pair per example."""
+    base = _exact_match_run("base model", 42, [False, False, True, False])
+    lofit = _exact_match_run("LoFiT (3% = 8 heads)", 42, [True, True, True, False], heads=[(1, 0), (2, 3)])
+    iti = _exact_match_run("ITI (8 heads, α = 5)", 42, [False, True, True, False], params=0, computed_values=512,
+                           choice={"heads": 8, "alpha": 5.0}, search={"8": {"5.0": 0.25, "10.0": 0.125}})
+    other = _exact_match_run("LoFiT (3% = 8 heads selected for TruthfulQA (fold 0))", 42, [True, False, True, False],
+                             ablation="other", heads=[(1, 0), (4, 4)])
+    random_heads = _exact_match_run("LoFiT (3% = 8 random heads)", 42, [False, True, True, False], ablation="random",
+                                    heads=[(5, 5), (6, 6)])
+    rows = [base, lofit, iti, other, random_heads]
+    assert lofit_tables.other_task(rows) == "TruthfulQA (fold 0)"
+    sections = lofit_tables.render_exact_match(rows, "CLUTRR", n_val=100)
+    main, ablation = sections["main"], sections["ablation"]
+    assert "validation exact match % by α" in main and "α 5: 25.0, α 10: 12.5" in main
+    assert "ITI: seed 42: K = 8, α = 5" in main and "(100 examples;" in main
+    assert "LoFiT 3% − ITI" in main and "paired" in main
+    assert "LoFiT 3% − LoFiT 3% on TruthfulQA's heads" in main
+    assert "(a) heads selected for CLUTRR" in ablation and "(b) heads selected for TruthfulQA (fold 0)" in ablation
+    assert "exact match % (test)" in ablation and "(b) seed 42: 1 of 2" in ablation
+    assert "ablation" not in lofit_tables.render_exact_match([base, lofit, iti], "CLUTRR")
