@@ -225,7 +225,8 @@ def extra_settings(s: dict[str, Any], results, args) -> list[str]:
     kinds = {r["method"].split(" ")[0] for r in results} | {"ablation" for r in results if "ablation" in r}
     wrong = {"clutrr": "another relation of the training set (drawn with the seed)",
              "mquake": "the answer before the edit"}[args.task]
-    val = f"the first {s['val_examples']} validation examples' exact match"
+    val_n = sorted({r["val_n"] for r in results if "val_n" in r}) or [s["val_examples"]]
+    val = f"the first {' / '.join(map(str, val_n))} validation examples' exact match"
     lines = []
     if "ITI" in kinds:
         lines.append(f"* ITI: probes on every head's last-token output of up to {s['iti']['train_examples']} training "
@@ -313,7 +314,8 @@ def combine(args) -> None:
     settings: dict[str, Any] = {}
     for h in reversed(headers):  # every run's settings, the first run's where they overlap
         settings.update(h["settings"])
-    sections = render_exact_match(rows, get_task_spec(args.task).title, n_val=settings.get("val_examples"))
+    val_n = sorted({r["val_n"] for r in rows if "val_n" in r})
+    sections = render_exact_match(rows, get_task_spec(args.task).title, n_val=" / ".join(map(str, val_n)) or None)
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
     text = "\n\n".join([report(first["results"], settings, first["machine"], run_args, settings_from=rows),
                          sections["main"], f"Runs: {files}."])

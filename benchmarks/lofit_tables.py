@@ -326,7 +326,7 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
     return {"truthfulqa": main, "truthfulqa-ablation": ablation}
 
 
-def render_exact_match(rows: Sequence[dict[str, Any]], task: str, n_val: int | None = None) -> dict[str, str]:
+def render_exact_match(rows: Sequence[dict[str, Any]], task: str, n_val: int | str | None = None) -> dict[str, str]:
     """The over-seeds tables of an exact-match task (``lofit_exact_match.py --combine``): the main table, the
     claims and ITI's/RepE's validation searches (key ``"main"``), and the localization ablation (key
     ``"ablation"``, when the runs have it)."""
@@ -339,7 +339,8 @@ def render_exact_match(rows: Sequence[dict[str, Any]], task: str, n_val: int | N
         main_table(rows, ("em",)),
         "",
         *([f"Chosen on validation: {'; '.join(choices)}.", ""] if choices else []),
-        *([f"Validation searches ({n_val} examples; the best exact match is used on test):", "", searches, ""]
+        *([f"Validation searches ({f'{n_val} examples; ' if n_val else ''}the best exact match is used on test):",
+           "", searches, ""]
           if searches else []),
         claims_table(rows, ("em",)),
         "",
