@@ -213,8 +213,9 @@ def run_learning_free(method: str, task: str, tokenizer, data_dir: Path, val_row
         return evaluate_task(task, model, tokenizer, val_rows, max_new_tokens=settings["max_new_tokens"],
                              progress=False)["metrics"]["exact_match"]["value"]
 
-    if method == "iti":
-        reft_model, row = search_iti(tokenizer, pos, neg, None, score, None, settings)
+    if method == "iti":  # a positive and its negative share a prompt: keep them in the same probe split
+        pairs = [*range(len(pos)), *range(len(neg))]
+        reft_model, row = search_iti(tokenizer, pos, neg, pairs, score, None, settings)
     else:
         reft_model, row = search_repe(tokenizer, pos, neg, score, None, settings)
     return {**row, **evaluate(task, reft_model, tokenizer, rows, settings)}
