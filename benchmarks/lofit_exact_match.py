@@ -218,7 +218,7 @@ def run_learning_free(method: str, task: str, tokenizer, data_dir: Path, val_row
         reft_model, row = search_iti(tokenizer, pos, neg, pairs, score, None, settings)
     else:
         reft_model, row = search_repe(tokenizer, pos, neg, score, None, settings)
-    return {**row, **evaluate(task, reft_model, tokenizer, rows, settings)}
+    return {**row, "val_n": len(val_rows), **evaluate(task, reft_model, tokenizer, rows, settings)}
 
 
 def extra_settings(s: dict[str, Any], results, args) -> list[str]:
@@ -315,6 +315,10 @@ def combine(args) -> None:
     settings: dict[str, Any] = {}
     for h in reversed(headers):  # every run's settings, the first run's where they overlap
         settings.update(h["settings"])
+    for r in rows:  # runs that did not record how many validation examples their search scored
+        if r["kind"] in ("iti", "repe") and "val_n" not in r:
+            r["val_n"] = len(load_task_data(args.task, args.data_dir, eval_split="val",
+                                            max_eval=settings["val_examples"]).eval_rows)
     val_n = sorted({r["val_n"] for r in rows if "val_n" in r})
     sections = render_exact_match(rows, get_task_spec(args.task).title, n_val=" / ".join(map(str, val_n)) or None)
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
