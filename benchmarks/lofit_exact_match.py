@@ -145,6 +145,7 @@ def run_lofit(rows, settings, args) -> list[dict[str, Any]]:
         results.append({"method": f"LoFiT ({round(out['heads']['fraction'] * 100)}% = {chosen.k} heads)",
                         "params": out["trainable_parameters"], "train_s": out["timing"]["offsets_s"] + select_s,
                         "select_s": select_s, "selection_params": chosen.scores.numel() * head_dim(model),
+                        "heads": [tuple(h) for h in out["heads"]["selected"]],
                         **scores_of(args.task, out["metrics"], out["per_example"], out["timing"]["eval_s"], rows)})
         log(result_line(results[-1]))
     return results
@@ -300,6 +301,19 @@ def report(results, settings, info, args, settings_from=None) -> str:
     ])
 
 
+def overrides_of(settings: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    """The ``--set KEY=JSON`` options that turn ``defaults`` into a run's ``settings`` (its command line)."""
+    out = []
+    for key, default in defaults.items():
+        if key not in settings or key in ("device", "dtype"):
+            continue
+        if isinstance(default, dict) and isinstance(settings[key], dict):
+            out += overrides_of(settings[key], default, f"{prefix}{key}.")
+        elif settings[key] != default:
+            out.append(f"{prefix}{key}={json.dumps(settings[key])}")
+    return out
+
+
 def combine(args) -> None:
     """``--combine``: the sections for ``args.task`` from saved runs (the first one's table, with its wall times,
     then every run's methods over the seeds, the claims and, when run, the localization ablation)."""
@@ -308,7 +322,9 @@ def combine(args) -> None:
     first = json.loads(Path(args.combine[0]).read_text())
     if first.get("task") != args.task:
         sys.exit(f"{args.combine[0]} is not a {args.task} run")
-    run_args = argparse.Namespace(**{**vars(args), "quick": first["settings"]["train_examples"] == 64})
+    quick = first["settings"]["train_examples"] == 64
+    run_args = argparse.Namespace(**{**vars(args), "quick": quick,
+                                     "set": overrides_of(first["settings"], default_settings(args.task, quick))})
     rows, headers = load_runs(args.combine)
     if any(h["task"] != args.task for h in headers):
         sys.exit(f"--combine: every file must be a {args.task} run")
