@@ -331,10 +331,11 @@ def combine(args) -> None:
     settings: dict[str, Any] = {}
     for h in reversed(headers):  # every run's settings, the first run's where they overlap
         settings.update(h["settings"])
-    for r in rows:  # runs that did not record how many validation examples their search scored
-        if r["kind"] in ("iti", "repe") and "val_n" not in r:
-            r["val_n"] = len(load_task_data(args.task, args.data_dir, eval_split="val",
-                                            max_eval=settings["val_examples"]).eval_rows)
+    unrecorded = [r for r in rows if r["kind"] in ("iti", "repe") and "val_n" not in r]
+    if unrecorded:  # runs that did not record how many validation examples their search scored: count them
+        n = len(load_task_data(args.task, args.data_dir, eval_split="val", max_eval=settings["val_examples"]).eval_rows)
+        for r in unrecorded:
+            r["val_n"] = n
     val_n = sorted({r["val_n"] for r in rows if "val_n" in r})
     sections = render_exact_match(rows, get_task_spec(args.task).title, n_val=" / ".join(map(str, val_n)) or None)
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)

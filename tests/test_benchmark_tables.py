@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-lofit_tables = pytest.importorskip("lofit_tables")
+import lofit_tables  # found through the sys.path entry above
 
 
 def _run(method: str, seed: int, mc1: list[float], mc2: list[float], **extra) -> dict:
@@ -100,3 +100,12 @@ def test_exact_match_sections_name_the_tasks_and_show_the_searches():
     assert "(a) heads selected for CLUTRR" in ablation and "(b) heads selected for TruthfulQA (fold 0)" in ablation
     assert "exact match % (test)" in ablation and "(b) seed 42: 1 of 2" in ablation
     assert "ablation" not in lofit_tables.render_exact_match([base, lofit, iti], "CLUTRR")
+
+
+def test_combined_runs_show_the_command_that_reproduces_them():
+    """``lofit_exact_match.py --combine`` shows each setting that differs from the defaults as ``--set``."""
+    import lofit_exact_match
+    defaults = lofit_exact_match.default_settings("clutrr", quick=False)
+    run = {**defaults, "lofit": {**defaults["lofit"], "epochs": 1}, "seed": 43, "device": "cuda", "n_train": 3151}
+    assert lofit_exact_match.overrides_of(run, defaults) == ["lofit.epochs=1", "seed=43"]
+    assert lofit_exact_match.overrides_of(defaults, defaults) == []
