@@ -251,6 +251,20 @@ def extra_settings(s: dict[str, Any], results, args) -> list[str]:
     return lines
 
 
+def epochs_text(n: int) -> str:
+    """``"1 epoch"``, ``"3 epochs"``."""
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def epochs_note(settings: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """``", 1 epoch per trained method"`` when the trained methods all ran a number of epochs other than their
+    defaults (the heading then tells such a table from one with the defaults), else ``""``."""
+    epochs = {settings[m]["epochs"] for m in ("lofit", "loreft", "lora")}
+    if len(epochs) != 1 or all(settings[m]["epochs"] == defaults[m]["epochs"] for m in ("lofit", "loreft", "lora")):
+        return ""
+    return f", {epochs_text(epochs.pop())} per trained method"
+
+
 def report(results, settings, info, args, settings_from=None) -> str:
     """The run's table (``results``, with wall times) and the settings of every method in ``settings_from``
     (default: ``results``)."""
@@ -276,7 +290,8 @@ def report(results, settings, info, args, settings_from=None) -> str:
                        "the new answer or one of its aliases")}[args.task]
     subset = "all" if s["train_examples"] is None else f"drawn with seed {s['seed']}"
     return "\n".join([
-        f"### {spec.title}, SmolLM2-135M-Instruct{' (quick run)' if args.quick else ' (full configuration)'}",
+        f"### {spec.title}, SmolLM2-135M-Instruct ({'quick run' if args.quick else 'full configuration'}"
+        f"{epochs_note(s, default_settings(args.task, args.quick))})",
         "",
         table,
         "",
@@ -286,13 +301,14 @@ def report(results, settings, info, args, settings_from=None) -> str:
         "",
         f"* Training data: {s['n_train']} {what[0]} ({subset}), supervised cross-entropy on {what[1]} + EOS for "
         f"every method; batch {s['batch_size']}, AdamW, linear decay, no weight decay, seed {s['seed']}.",
-        f"* LoFiT: head selection {s['select']['epochs']} epochs, lr {s['select']['lr']}, L1 λ={s['select']['l1']} "
-        f"(one run, shared by both K); offsets {s['lofit']['epochs']} epochs, lr {s['lofit']['lr']} "
+        f"* LoFiT: head selection {epochs_text(s['select']['epochs'])}, lr {s['select']['lr']}, L1 λ={s['select']['l1']} "
+        f"({'one run, shared by both K' if len(s['lofit']['fractions']) > 1 else 'one run'}); "
+        f"offsets {epochs_text(s['lofit']['epochs'])}, lr {s['lofit']['lr']} "
         f"(`reftlib.lofit.run_lofit_task`, as `reftlib lofit {args.task}`).",
         f"* LoReFT: rank {s['loreft']['rank']}, layer {s['loreft']['layer']} `block_output`, last prompt token, "
-        f"{s['loreft']['epochs']} epochs, lr {s['loreft']['lr']}.",
+        f"{epochs_text(s['loreft']['epochs'])}, lr {s['loreft']['lr']}.",
         f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, "
-        f"{s['lora']['epochs']} epochs, lr {s['lora']['lr']} (`transformers.Trainer`, the model's causal-LM loss).",
+        f"{epochs_text(s['lora']['epochs'])}, lr {s['lora']['lr']} (`transformers.Trainer`, the model's causal-LM loss).",
         *extra_settings(s, settings_from or results, args),
         f"* Evaluation: greedy generation (≤ {s['max_new_tokens']} new tokens), first line, stripped, "
         f"case-insensitive exact match against {what[2]} on {base['n']} {args.eval_split} examples; ± one standard "
@@ -341,13 +357,14 @@ def combine(args) -> None:
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
     text = "\n\n".join([report(first["results"], settings, first["machine"], run_args, settings_from=rows),
                          sections["main"], f"Runs: {files}."])
+    section = args.section or args.task
     print(text)
     if not args.no_write:
-        replace_section(RESULTS, args.task, text)
+        replace_section(RESULTS, section, text)
     if "ablation" in sections:
         print(sections["ablation"])
         if not args.no_write:
-            replace_section(RESULTS, f"{args.task}-ablation", sections["ablation"])
+            replace_section(RESULTS, f"{section}-ablation", sections["ablation"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -362,6 +379,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--combine", nargs="+", default=None, metavar="RUN.json",
                         help="run nothing: the first run's table (all methods), then every run's methods over the "
                              "seeds, from these --json files")
+    parser.add_argument("--section", default=None,
+                        help="with --combine: the docs section to write (default: the task's name; the ablation "
+                             "goes to SECTION-ablation), e.g. for runs with other epochs than the main table's")
     args = parser.parse_args(argv)
     if args.combine:
         combine(args)

@@ -109,3 +109,15 @@ def test_combined_runs_show_the_command_that_reproduces_them():
     run = {**defaults, "lofit": {**defaults["lofit"], "epochs": 1}, "seed": 43, "device": "cuda", "n_train": 3151}
     assert lofit_exact_match.overrides_of(run, defaults) == ["lofit.epochs=1", "seed=43"]
     assert lofit_exact_match.overrides_of(defaults, defaults) == []
+
+
+def test_a_table_with_other_epochs_says_so_in_its_heading():
+    """The 1-epoch CLUTRR table and the default-epochs one get different headings."""
+    import lofit_exact_match
+    defaults = lofit_exact_match.default_settings("clutrr", quick=False)
+    one = {**defaults, **{m: {**defaults[m], "epochs": 1} for m in ("lofit", "loreft", "lora")}}
+    assert lofit_exact_match.epochs_note(one, defaults) == ", 1 epoch per trained method"
+    assert lofit_exact_match.epochs_note(defaults, defaults) == ""
+    mixed = {**defaults, "lofit": {**defaults["lofit"], "epochs": 1}}
+    assert lofit_exact_match.epochs_note(mixed, defaults) == ""
+
