@@ -121,3 +121,35 @@ def test_a_table_with_other_epochs_says_so_in_its_heading():
     mixed = {**defaults, "lofit": {**defaults["lofit"], "epochs": 1}}
     assert lofit_exact_match.epochs_note(mixed, defaults) == ""
 
+
+
+@pytest.mark.parametrize("task", ["clutrr", "mquake"])
+def test_contrast_pairs_share_a_prompt_and_differ_in_the_answer(task):
+    """ITI's and RepE's classes on the exact-match tasks: each negative is its positive's prompt with a wrong
+    answer (CLUTRR: another relation; MQuAKE: the answer before the edit), drawn reproducibly with the seed."""
+    import lofit_exact_match
+
+    from reftlib import ReftError
+    from reftlib.evaluation import find_data_dir, load_clutrr, load_mquake
+
+    try:
+        data_dir = find_data_dir()
+    except ReftError as exc:
+        pytest.skip(f"benchmark data folder (../shared/data) is absent: {exc}")
+    pos, neg = lofit_exact_match.contrast_texts(task, data_dir, limit=50, seed=42)
+    assert len(pos) == len(neg) == 50 and len(set(pos)) == 50
+    assert (pos, neg) == lofit_exact_match.contrast_texts(task, data_dir, limit=50, seed=42)
+    assert pos != lofit_exact_match.contrast_texts(task, data_dir, limit=50, seed=43)[0]
+    if task == "clutrr":
+        rows = {r.prompt: r for r in load_clutrr("train", data_dir)}
+        relations = {r.target for r in rows.values()}
+    else:
+        rows = {r.prompt: r for r in load_mquake("train", data_dir)}
+    for p, n in zip(pos, neg):
+        prompt = next(q for q in rows if p.startswith(q + " ") and n.startswith(q + " "))
+        right, wrong = p[len(prompt) + 1:], n[len(prompt) + 1:]
+        if task == "clutrr":
+            assert right == rows[prompt].target and wrong in relations and wrong != right
+        else:
+            assert right == rows[prompt].answer and wrong == rows[prompt].original_answer
+            assert wrong.lower() != right.lower()
