@@ -222,6 +222,25 @@ def run_learning_free(method: str, task: str, tokenizer, data_dir: Path, val_row
     return {**row, "val_n": len(val_rows), **evaluate(task, reft_model, tokenizer, rows, settings)}
 
 
+def trained_settings(s: dict[str, Any], results, args) -> list[str]:
+    """The settings lines of LoFiT, LoReFT and LoRA (those the run has; LoFiT also for the ablation's rows)."""
+    labels = {r["method"].split(" ")[0] for r in results}
+    lines = []
+    if "LoFiT" in labels:
+        shared = "one run, shared by both K" if len(s["lofit"]["fractions"]) > 1 else "one run"
+        lines.append(f"* LoFiT: head selection {epochs_text(s['select']['epochs'])}, lr {s['select']['lr']}, "
+                     f"L1 λ={s['select']['l1']} ({shared}); offsets {epochs_text(s['lofit']['epochs'])}, "
+                     f"lr {s['lofit']['lr']} (`reftlib.lofit.run_lofit_task`, as `reftlib lofit {args.task}`).")
+    if "LoReFT" in labels:
+        lines.append(f"* LoReFT: rank {s['loreft']['rank']}, layer {s['loreft']['layer']} `block_output`, last prompt "
+                     f"token, {epochs_text(s['loreft']['epochs'])}, lr {s['loreft']['lr']}.")
+    if "LoRA" in labels:
+        lines.append(f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, "
+                     f"{epochs_text(s['lora']['epochs'])}, lr {s['lora']['lr']} (`transformers.Trainer`, the model's "
+                     "causal-LM loss).")
+    return lines
+
+
 def extra_settings(s: dict[str, Any], results, args) -> list[str]:
     """The settings lines of ITI, RepE and the ablation (those the run has)."""
     kinds = {r["method"].split(" ")[0] for r in results} | {"ablation" for r in results if "ablation" in r}
@@ -256,11 +275,14 @@ def epochs_text(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
 
 
+TRAINED = ("lofit", "loreft", "lora")  # the settings keys of the trained methods
+
+
 def epochs_note(settings: dict[str, Any], defaults: dict[str, Any]) -> str:
     """``", 1 epoch per trained method"`` when the trained methods all ran a number of epochs other than their
     defaults (the heading then tells such a table from one with the defaults), else ``""``."""
-    epochs = {settings[m]["epochs"] for m in ("lofit", "loreft", "lora")}
-    if len(epochs) != 1 or all(settings[m]["epochs"] == defaults[m]["epochs"] for m in ("lofit", "loreft", "lora")):
+    epochs = {settings[m]["epochs"] for m in TRAINED}
+    if len(epochs) != 1 or all(settings[m]["epochs"] == defaults[m]["epochs"] for m in TRAINED):
         return ""
     return f", {epochs_text(epochs.pop())} per trained method"
 
@@ -301,14 +323,7 @@ def report(results, settings, info, args, settings_from=None) -> str:
         "",
         f"* Training data: {s['n_train']} {what[0]} ({subset}), supervised cross-entropy on {what[1]} + EOS for "
         f"every method; batch {s['batch_size']}, AdamW, linear decay, no weight decay, seed {s['seed']}.",
-        f"* LoFiT: head selection {epochs_text(s['select']['epochs'])}, lr {s['select']['lr']}, L1 λ={s['select']['l1']} "
-        f"({'one run, shared by both K' if len(s['lofit']['fractions']) > 1 else 'one run'}); "
-        f"offsets {epochs_text(s['lofit']['epochs'])}, lr {s['lofit']['lr']} "
-        f"(`reftlib.lofit.run_lofit_task`, as `reftlib lofit {args.task}`).",
-        f"* LoReFT: rank {s['loreft']['rank']}, layer {s['loreft']['layer']} `block_output`, last prompt token, "
-        f"{epochs_text(s['loreft']['epochs'])}, lr {s['loreft']['lr']}.",
-        f"* LoRA (PEFT): r={s['lora']['r']}, alpha={s['lora']['alpha']}, {', '.join(s['lora']['targets'])}, "
-        f"{epochs_text(s['lora']['epochs'])}, lr {s['lora']['lr']} (`transformers.Trainer`, the model's causal-LM loss).",
+        *trained_settings(s, settings_from or results, args),
         *extra_settings(s, settings_from or results, args),
         f"* Evaluation: greedy generation (≤ {s['max_new_tokens']} new tokens), first line, stripped, "
         f"case-insensitive exact match against {what[2]} on {base['n']} {args.eval_split} examples; ± one standard "

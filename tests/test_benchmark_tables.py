@@ -122,6 +122,25 @@ def test_a_table_with_other_epochs_says_so_in_its_heading():
     assert lofit_exact_match.epochs_note(mixed, defaults) == ""
 
 
+def test_combine_writes_its_own_section_with_the_settings_of_the_methods_it_shows(tmp_path, monkeypatch):
+    """``--combine ... --section NAME`` writes NAME (not the task's section) and lists the settings of the methods
+    its runs have only (the 3-epoch CLUTRR runs: LoFiT and LoRA, no LoReFT)."""
+    import lofit_exact_match
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- clutrr:begin -->\nmain table\n<!-- clutrr:end -->\n")
+    monkeypatch.setattr(lofit_exact_match, "RESULTS", doc)
+    lofit_exact_match.main(["--task", "clutrr", "--section", "clutrr-3-epochs", "--combine",
+                            str(results / "lofit_clutrr_3epochs_seed42.json"),
+                            str(results / "lofit_clutrr_3epochs_lora_seed42.json")])
+    text = doc.read_text()
+    assert "<!-- clutrr:begin -->\nmain table\n<!-- clutrr:end -->" in text
+    section = text.split("<!-- clutrr-3-epochs:begin -->", 1)[1].split("<!-- clutrr-3-epochs:end -->", 1)[0]
+    assert "### CLUTRR, SmolLM2-135M-Instruct (full configuration)\n" in section
+    assert "* LoFiT: head selection 2 epochs" in section and "offsets 3 epochs" in section
+    assert "* LoRA (PEFT)" in section and "* LoReFT" not in section
+    assert "LoFiT 10% − LoRA" in section
+
 
 @pytest.mark.parametrize("task", ["clutrr", "mquake"])
 def test_contrast_pairs_share_a_prompt_and_differ_in_the_answer(task):
