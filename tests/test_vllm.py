@@ -1,7 +1,10 @@
 """Serving saved adapters on vLLM computes what reftlib's Hugging Face model computes.
 
 Runs only where vLLM is installed (``make test-vllm`` builds ``.venv-vllm`` with the CPU build).
-One engine serves every test (start-up takes about a minute). Each served answer is checked
+Every test runs on two engines, one after the other: an eager one (``enforce_eager=True``, hooks
+added after start-up) and a compiled one (vLLM's default on its CPU platform: ``torch.compile``
+with inductor, reftlib's model class hooking the sites as it is built). Start-up takes about a
+minute each (the compiled one compiles for about another minute). Each served answer is checked
 against reftlib's Hugging Face model with the same adapters in float64, fed the served tokens
 (``served_reference.check_served``: greedy up to a near tie, log-probabilities within a tolerance
 that every adapter's effect exceeds tenfold).
@@ -37,23 +40,30 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def saved(tmp_path_factory):
+    """``(folder of the test adapters, pyreft copy of "default", float64 HF ReftModel with them)``."""
+    folder = tmp_path_factory.mktemp("adapters")
+    pyreft_folder = tmp_path_factory.mktemp("pyreft")
+    save_test_adapters(folder, pyreft_copy=pyreft_folder)
+    return folder, pyreft_folder, load_reference(folder)
+
+
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def setup(request, saved):
     """``(engine, tokenizer, prompts as token ids, float64 HF ReftModel with the same adapters)``."""
     from transformers import AutoTokenizer
 
     from reftlib.offline import default_model_path
 
-    folder = tmp_path_factory.mktemp("adapters")
-    pyreft_folder = tmp_path_factory.mktemp("pyreft")
-    save_test_adapters(folder, pyreft_copy=pyreft_folder)
-    reference = load_reference(folder)
+    folder, pyreft_folder, reference = saved
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     prompts = [chat_prompt(tokenizer, q) for q in QUESTIONS]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     engine = ReftLLM(default_model_path(), adapters={**dict.fromkeys(ADAPTERS, folder), "pyreft": pyreft_folder},
-                     pyreft_positions={"pyreft": "l1"}, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=48, block_size=32,
-                     seed=0)
+                     pyreft_positions={"pyreft": "l1"}, dtype="float32", max_model_len=256, max_num_seqs=4,
+                     max_num_batched_tokens=48, block_size=32, seed=0, enforce_eager=request.param == "eager")
     yield engine, tokenizer, prompts, reference
+    engine.shutdown()
     # vLLM shuts its engine process down from an atexit hook that logs to streams pytest has closed
     # by then; those messages would print "--- Logging error ---" tracebacks after the summary.
     logging.raiseExceptions = False
@@ -181,10 +191,53 @@ def test_unsupported_vllm_version_is_refused():
 def test_settings_that_break_the_hooks_are_refused():
     from reftlib.offline import default_model_path
 
-    with pytest.raises(reftlib.ReftError, match="enforce_eager"):
-        ReftLLM(default_model_path(), enforce_eager=False)
+    with pytest.raises(reftlib.ReftError, match="worker_extension_cls"):
+        ReftLLM(default_model_path(), worker_extension_cls="my.Extension")
     with pytest.raises(reftlib.ReftError, match="tensor_parallel_size=1"):
         ReftLLM(default_model_path(), tensor_parallel_size=2)
+
+
+def test_engine_runs_compiled_or_eager_as_asked(setup):
+    """The compiled engine really is compiled, with reftlib's model class hooking every adapter's site
+    before compilation; the eager one runs vLLM's own class, hooked after start-up."""
+    from reftlib.serving.vllm_backend import adapter_sites
+
+    engine = setup[0]
+    eager = engine.llm.llm_engine.vllm_config.model_config.enforce_eager
+    mode = engine.llm.collective_rpc("reft_engine_mode")[0]
+    assert mode["compiled"] is not eager
+    assert mode["model_class"] == ("LlamaForCausalLM" if eager else "ReftlibLlamaForCausalLM")
+    assert mode["sites"] == sorted([layer, component] for layer, component in adapter_sites(engine.adapters.values()))
+    compilation = engine.llm.llm_engine.vllm_config.compilation_config
+    assert (compilation.mode == 0) is eager, "a compiled engine must not fall back to eager silently"
+
+
+def test_engine_settings_compile_on_cpu_only(caplog):
+    """Compiled on vLLM's CPU platform (hf_overrides selects reftlib's class, additional_config lists the
+    sites); eager, with a logged reason, where CUDA graphs would replay one step's edits, for an
+    architecture without a reftlib class, or when hf_overrides is the user's function."""
+    from reftlib.serving.vllm_backend import WORKER_EXTENSION, engine_settings
+
+    class Adapter:
+        interventions = [type("Served", (), {"layer": 15, "component": "block_output"}),
+                         type("Served", (), {"layer": 3, "component": "head_output"})]
+
+    config = {"architectures": ["LlamaForCausalLM"]}
+    settings = engine_settings(config, [Adapter()], {"hf_overrides": {"rope_theta": 1.0}}, platform="cpu")
+    assert settings == {"worker_extension_cls": WORKER_EXTENSION, "enforce_eager": False,
+                        "hf_overrides": {"rope_theta": 1.0, "architectures": ["ReftlibLlamaForCausalLM"]},
+                        "additional_config": {"reftlib": {"sites": [[3, "head_output"], [15, "block_output"]]}}}
+    assert engine_settings(config, [Adapter()], {"enforce_eager": True}, platform="cpu") == {
+        "worker_extension_cls": WORKER_EXTENSION, "enforce_eager": True}
+    for config, kwargs, platform, reason in [
+        ({"architectures": ["LlamaForCausalLM"]}, {}, "cuda", "CUDA graphs"),
+        ({"architectures": ["Gemma2ForCausalLM"]}, {}, "cpu", "Gemma2ForCausalLM"),
+        ({"architectures": ["LlamaForCausalLM"]}, {"hf_overrides": lambda c: c}, "cpu", "hf_overrides"),
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="reftlib.serving.vllm_backend"):
+            assert engine_settings(config, [Adapter()], kwargs, platform=platform)["enforce_eager"] is True
+        assert reason in caplog.text and "enforce_eager=True" in caplog.text
 
 
 def test_other_architectures_are_refused(setup, tmp_path):

@@ -1,7 +1,7 @@
 """Serving on other decoder families vLLM builds like Llama: tiny random models, one engine each.
 
 Each family's tiny model (random weights, SmolLM2's tokenizer) is saved to a folder and served by
-its own engine (started and stopped per family) with a LoReFT adapter at "l1" and LoFiT head
+its own compiled engine (started and stopped per family; reftlib's model class for the family) with a LoReFT adapter at "l1" and LoFiT head
 offsets; every answer is checked against reftlib's Hugging Face model in float64 fed the served
 tokens (``served_reference.check_served``).
 """
@@ -81,6 +81,8 @@ def served(request, tmp_path_factory):
 
 def test_family_matches_hf(served):
     engine, reference, prompts = served
+    mode = engine.llm.collective_rpc("reft_engine_mode")[0]
+    assert mode["compiled"] and mode["model_class"].startswith("Reftlib"), mode
     rows = [(p, a) for p in prompts for a in (None, "default", "lofit")]
     params = vllm.SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=1, ignore_eos=True)
     outs = engine.generate([p for p, _ in rows], params, adapters=[a for _, a in rows])

@@ -86,6 +86,10 @@ def server(tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"reftlib serve did not answer within {STARTUP_SECONDS} s")
                 time.sleep(2)
+        log.seek(0)
+        started = log.read().decode(errors="replace")
+        if "Resolved architecture: ReftlibLlamaForCausalLM" not in started:  # the compiled engine, hooks traced in
+            pytest.fail(f"reftlib serve did not start reftlib's compiled model class:\n{started[-4000:]}")
         yield client, tokenizer, reference, folder, pyreft_folder
     finally:
         if process.poll() is None:

@@ -347,8 +347,9 @@ examples:
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "emoji", "messages": [{"role": "user", "content": "Hi!"}]}'
 
-Any other option is vLLM's (`vllm serve --help`); reftlib sets --enforce-eager and the worker
-extension itself. Needs vLLM (see docs/serving.md).
+Any other option is vLLM's (`vllm serve --help`); reftlib sets the worker extension itself and, on
+vLLM's CPU platform without --enforce-eager, its own model class for compiled serving (other
+platforms run eager). Needs vLLM (see docs/serving.md).
 """
 
 _LOFIT_EPILOG = """\

@@ -30,7 +30,15 @@ from .adapters import (
     load_served_adapters,
     read_model_config,
 )
-from .vllm_backend import ADAPTER_ARG, SUPPORTED_VLLM, WORKER_EXTENSION, check_vllm_version, shutdown_engine
+from .vllm_backend import (
+    ADAPTER_ARG,
+    SUPPORTED_VLLM,
+    WORKER_EXTENSION,
+    check_vllm_version,
+    engine_settings,
+    shutdown_engine,
+    vllm_platform,
+)
 
 __all__ = [
     "ADAPTER_ARG",
@@ -40,9 +48,6 @@ __all__ = [
     "ReftLLM",
     "cache_salt",
 ]
-
-_FORCED = {"enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION}
-
 
 def cache_salt(adapter: ServedAdapter | Sequence[ServedAdapter] | None, prompt_length: int) -> str | None:
     """The prefix-cache salt of a request: ``None`` for the base model, else unique to its adapters.
@@ -78,21 +83,23 @@ class ReftLLM:
         pyreft_positions: ``{name: spec}`` for each pyreft folder among ``adapters``: the token positions
             its interventions were trained at (e.g. ``"f1+l1"``), which pyreft does not save.
         **llm_kwargs: passed to ``vllm.LLM`` (``dtype``, ``max_model_len``, ``max_num_seqs``, ...).
-            ``enforce_eager`` is forced to ``True`` and ``worker_extension_cls`` is set.
+            ``worker_extension_cls`` is set. Without ``enforce_eager=True`` the engine is compiled
+            on vLLM's CPU platform (reftlib's model class, selected through ``hf_overrides``, hooks
+            the adapters' sites before vLLM compiles it) and runs eager elsewhere, with a logged
+            reason (:func:`reftlib.serving.vllm_backend.engine_settings`).
 
     Raises:
         MissingDependencyError: vLLM is not installed.
         ReftError: the installed vLLM is not a supported release, or ``llm_kwargs`` conflict with
-            serving adapters (``enforce_eager=False``, tensor or pipeline parallelism).
+            serving adapters (another ``worker_extension_cls``, tensor or pipeline parallelism).
         AdapterError: an adapter cannot be served.
     """
 
     def __init__(self, model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike] | None = None, *,
                  pyreft_positions: Mapping[str, str] | None = None, **llm_kwargs: Any) -> None:
         check_vllm_version()
-        for key, value in _FORCED.items():
-            if key in llm_kwargs and llm_kwargs[key] != value:
-                raise ReftError(f"ReftLLM sets {key}={value!r} itself (hooks need it); drop {key}={llm_kwargs[key]!r}")
+        if llm_kwargs.get("worker_extension_cls", WORKER_EXTENSION) != WORKER_EXTENSION:
+            raise ReftError(f"ReftLLM sets worker_extension_cls itself; drop {llm_kwargs['worker_extension_cls']!r}")
         for key in ("tensor_parallel_size", "pipeline_parallel_size"):
             if llm_kwargs.get(key, 1) != 1:
                 raise ReftError(f"ReftLLM serves adapters with {key}=1 only, got {llm_kwargs[key]}")
@@ -100,7 +107,8 @@ class ReftLLM:
         self.adapters = load_served_adapters(adapters or {}, self.model_config, pyreft_positions)
         from vllm import LLM  # deferred: importing reftlib.serving must not need vLLM
 
-        self.llm = LLM(model=str(model), **{**llm_kwargs, **_FORCED})
+        settings = engine_settings(self.model_config, self.adapters.values(), llm_kwargs, platform=vllm_platform())
+        self.llm = LLM(model=str(model), **{**llm_kwargs, **settings})
         if self.adapters:
             sources = {name: adapter.source for name, adapter in self.adapters.items()}
             self.llm.collective_rpc("reft_load_adapters", args=(sources, self.model_config))

@@ -255,7 +255,8 @@ def serve(model: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], v
     check_vllm_version()
     model_config = read_model_config(model)
     served = load_served_adapters(adapters, model_config, pyreft_positions)
-    args = server_arguments(str(model), vllm_args, middleware=f"{__name__}.AdapterRouter")
+    args = server_arguments(str(model), vllm_args, middleware=f"{__name__}.AdapterRouter", model_config=model_config,
+                            adapters=served.values())
     base_names = tuple(args.served_model_name or [args.model])
     clash = sorted(set(base_names) & set(served))
     if clash:

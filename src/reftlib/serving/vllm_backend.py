@@ -26,41 +26,52 @@ How it works, without forking or editing vLLM
   :func:`reftlib.plan.build_plan`). Because absolute positions are used, a prompt that chunked
   prefill splits over several steps is edited at the same tokens as in one step, and decode steps
   of a prompt-position intervention (``"l1"``, ...) edit nothing.
-* **The edits.** Site hooks apply ``intervention.delta`` at those indices with
-  :func:`reftlib.hooks.apply_at_positions`, exactly as the Hugging Face runtime:
+* **The edits.** Site hooks call two PyTorch custom operators, ``reftlib::edit_stream`` and
+  ``reftlib::edit_tokens``, which add ``intervention.delta`` at those indices in place (the
+  arithmetic of :func:`reftlib.hooks.apply_at_positions`, as the Hugging Face runtime). The
+  operators read the step's edits from this process's state, so they are opaque to
+  ``torch.compile``: a compiled graph calls them every step instead of freezing one step's edits.
 
   - ``block_output`` (a forward hook on decoder layer *L*). vLLM's Llama-style layers return
     ``(hidden, residual)`` and the next layer (or the final norm) adds them in a fused
-    add + RMSNorm, so the residual stream after layer *L* is ``hidden + residual``. When a step
-    has edits at that layer the hook returns ``(hidden + residual + edit, zeros)``: the next fused
+    add + RMSNorm, so the residual stream after layer *L* is ``hidden + residual``. At each edited
+    token the hook sets ``hidden`` to the edited stream and ``residual`` to zero: the next fused
     add then yields exactly the edited residual stream, as reftlib's Hugging Face path computes it.
-    Steps without edits at that layer return the layer's output untouched.
+    Every other token is left untouched.
   - ``head_output`` (a forward pre-hook on ``self_attn.o_proj``): the projection's input, the
     concatenated per-head attention outputs, viewed as ``[tokens, heads, head_dim]``.
+* **Compiled engines.** vLLM compiles the decoder stack with ``torch.compile`` when the engine
+  starts, before any adapter could be loaded, and hooks added later would not run in the compiled
+  graph. So an engine that is not eager runs a subclass of vLLM's model class
+  (``Reftlib<Architecture>``, registered with vLLM by the general plugin :func:`register_models`
+  and selected with ``hf_overrides``) that installs the hooks of every site named in
+  ``additional_config["reftlib"]`` as it is built; dynamo traces them, custom operators included.
+  :func:`engine_settings` sets this up. Only vLLM's CPU platform compiles without CUDA graphs,
+  so compiled serving is used there; on other platforms the engine runs eager (logged), because
+  a CUDA graph would replay one step's edits.
 * **Prefix caching.** Every request served by an adapter carries a ``cache_salt`` (see
   :func:`reftlib.serving.cache_salt`), so vLLM never serves a KV block computed under another
   adapter, or under the base model, to it. Adapters whose positions count from the prompt's end
   (``"l1"``) also salt with the prompt length, because the same prefix is edited differently in
   prompts of different lengths.
 
-Requirements enforced at start-up: ``enforce_eager=True`` (hooks do not run inside
-``torch.compile``'d graphs or CUDA graphs), tensor and pipeline parallel size 1 (``o_proj``'s input
-is sharded by heads under tensor parallelism), a model type in ``SERVED_MODEL_TYPES``.
+Requirements enforced at start-up: no CUDA graphs (eager, or compiled on the CPU platform with
+the sites installed at build time), tensor and pipeline parallel size 1 (``o_proj``'s input is
+sharded by heads under tensor parallelism), a model type in ``SERVED_MODEL_TYPES``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import AdapterError, MissingDependencyError, ReftConfigError, ReftError
-from ..hooks import apply_at_positions
-from .adapters import ServedAdapter, flat_edit_indices, load_served_adapter
+from .adapters import SERVED_COMPONENTS, ServedAdapter, flat_edit_indices, load_served_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +114,47 @@ class _StepState:
         self.edits: dict[tuple[int, str], list[tuple[nn.Module, torch.Tensor]]] = {}
 
 
+#: One :class:`_StepState` per hooked model in this process, indexed by the model's slot (the
+#: custom operators get the slot as an argument: they cannot hold Python objects).
+_STEPS: list[_StepState] = []
+
+
+class _HookedSites:
+    """What :func:`_install_site_hooks` put on one model: its slot in :data:`_STEPS`, its sites, the handles."""
+
+    def __init__(self) -> None:
+        self.slot = len(_STEPS)
+        _STEPS.append(_StepState())
+        self.sites: set[tuple[int, str]] = set()
+        self.handles: list[Any] = []
+
+    @property
+    def step(self) -> _StepState:
+        return _STEPS[self.slot]
+
+
+def _install_site_hooks(model: nn.Module, sites: Sequence[tuple[int, str]], num_heads: int) -> _HookedSites:
+    """Hook each ``(layer, component)`` site of a vLLM causal LM (``model.model.layers``) not hooked yet."""
+    hooked = getattr(model, "reftlib_sites", None)
+    if hooked is None:
+        hooked = _HookedSites()
+        model.reftlib_sites = hooked  # a plain attribute: nn.Module keeps it out of the state dict
+    layers = model.model.layers
+    for layer, component in sites:
+        if (layer, component) in hooked.sites:
+            continue
+        if component == "block_output":
+            handle = layers[layer].register_forward_hook(_block_output_hook(hooked.slot, layer))
+        elif component == "head_output":
+            handle = layers[layer].self_attn.o_proj.register_forward_pre_hook(
+                _head_output_hook(hooked.slot, layer, num_heads))
+        else:
+            raise AdapterError(f"component {component!r} cannot be served; served components: {SERVED_COMPONENTS}")
+        hooked.handles.append(handle)
+        hooked.sites.add((layer, component))
+    return hooked
+
+
 class ReftWorkerExtension:
     """Methods vLLM mixes into its worker class (``LLM(worker_extension_cls=WORKER_EXTENSION)``).
 
@@ -116,42 +168,35 @@ class ReftWorkerExtension:
         this ``config.json`` and hook them in."""
         check_vllm_version()
         runner = self.model_runner  # type: ignore[attr-defined]
-        _check_runner(runner)
+        compiled = _check_runner(runner)
         built = {name: load_served_adapter(name, folder, model_config, pyreft_positions=positions)
                  for name, (folder, positions) in adapters.items()}
         if not hasattr(self, "_reft_adapters"):
             self._reft_adapters: dict[str, ServedAdapter] = {}
             self._reft_plans: dict[tuple[str, int], Any] = {}
-            self._reft_step = _StepState()
-            self._reft_handles: list[Any] = []
-            self._reft_sites: set[tuple[int, str]] = set()
+            self._reft_begin_handle: Any = None
         clash = sorted(set(built) & set(self._reft_adapters))
         if clash:
             raise AdapterError(f"adapters {clash} are already loaded in this engine; choose other names")
         model = runner.get_model()
-        stack = model.model
+        sites = adapter_sites(built.values())
+        if compiled:
+            installed = getattr(model, "reftlib_sites", None)
+            missing = sorted(set(sites) - (installed.sites if installed else set()))
+            if missing:
+                raise AdapterError(
+                    f"this engine was compiled without the sites {missing} that adapters {sorted(built)} edit; "
+                    "hooks cannot be added to a compiled model: start the engine with every adapter (ReftLLM and "
+                    "`reftlib serve` do), or with enforce_eager=True")
+        self._reft_hooked = _install_site_hooks(model, sites, int(model_config["num_attention_heads"]))
         device = next(model.parameters()).device  # adapters are built on the CPU: move them next to the model
         for adapter in built.values():
             for served in adapter.interventions:
                 served.intervention.to(device)
-        if not self._reft_handles:
+        if self._reft_begin_handle is None:
             # On the top-level model: the decoder stack's own __call__ is replaced by vLLM's
             # torch.compile support, which bypasses module hooks on it (not on its layers).
-            self._reft_handles.append(model.register_forward_pre_hook(self._reft_begin_step, with_kwargs=True))
-        for adapter in built.values():
-            for served in adapter.interventions:
-                site = (served.layer, served.component)
-                if site in self._reft_sites:
-                    continue
-                layer = stack.layers[served.layer]
-                if served.component == "block_output":
-                    handle = layer.register_forward_hook(_block_output_hook(self._reft_step, site))
-                else:
-                    o_proj = layer.self_attn.o_proj
-                    handle = o_proj.register_forward_pre_hook(
-                        _head_output_hook(self._reft_step, site, served.num_heads))
-                self._reft_handles.append(handle)
-                self._reft_sites.add(site)
+            self._reft_begin_handle = model.register_forward_pre_hook(self._reft_begin_step, with_kwargs=True)
         self._reft_adapters.update(built)
         return sorted(self._reft_adapters)
 
@@ -159,10 +204,19 @@ class ReftWorkerExtension:
         """The names of the adapters loaded in this worker."""
         return sorted(getattr(self, "_reft_adapters", {}))
 
+    def reft_engine_mode(self) -> dict[str, Any]:
+        """How this worker runs the model: ``{"compiled": bool, "model_class": str, "sites": [[layer, component]]}``."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        model = runner.get_model()
+        hooked = getattr(model, "reftlib_sites", None)
+        return {"compiled": not runner.vllm_config.model_config.enforce_eager,
+                "model_class": type(model).__name__,
+                "sites": sorted([layer, component] for layer, component in (hooked.sites if hooked else ()))}
+
     # -- per step -----------------------------------------------------------------------------
     def _reft_begin_step(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook on the model: map this step's flat tokens to requests and edits."""
-        step = self._reft_step
+        step = self._reft_hooked.step
         step.edits = {}
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         runner = self.model_runner  # type: ignore[attr-defined]
@@ -201,6 +255,11 @@ class ReftWorkerExtension:
         return None
 
 
+def adapter_sites(adapters: Iterable[ServedAdapter]) -> list[tuple[int, str]]:
+    """The ``(layer, component)`` sites the adapters edit, sorted."""
+    return sorted({(served.layer, served.component) for adapter in adapters for served in adapter.interventions})
+
+
 def shutdown_engine(llm: Any) -> None:
     """Stop a ``vllm.LLM``'s engine processes now (instead of when the object is collected)."""
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -208,58 +267,202 @@ def shutdown_engine(llm: Any) -> None:
         engine_core.shutdown()
 
 
-def _check_runner(runner: Any) -> None:
-    """Refuse engine settings under which the hooks would not run or would see sharded tensors."""
+def _check_runner(runner: Any) -> bool:
+    """Refuse engine settings under which the hooks would not run or would see sharded tensors.
+
+    Returns whether the model is compiled (its hooks were then installed as it was built)."""
     config = runner.vllm_config
-    if not config.model_config.enforce_eager:
-        raise ReftError("reftlib adapters need LLM(enforce_eager=True): hooks do not run inside compiled graphs")
+    compiled = not config.model_config.enforce_eager
+    if compiled:
+        from vllm.config import CUDAGraphMode
+
+        if config.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:
+            raise ReftError("reftlib adapters cannot be served under CUDA graphs (a graph replays one step's edits); "
+                            "use enforce_eager=True")
+        if getattr(runner.get_model(), "reftlib_sites", None) is None:
+            raise ReftError("a compiled engine serves reftlib adapters only with reftlib's model class "
+                            "(ReftLLM and `reftlib serve` select it); start it through them, or with enforce_eager=True")
     parallel = config.parallel_config
     if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
         raise ReftError("reftlib adapters are served with tensor_parallel_size=1 and pipeline_parallel_size=1 only")
     if getattr(runner, "speculative_config", None):
         raise ReftError("reftlib adapters cannot be served with speculative decoding")
+    return compiled
 
 
-def _edit_flat(hidden: torch.Tensor, edits: list[tuple[nn.Module, torch.Tensor]]) -> torch.Tensor:
-    """Apply each ``(intervention, flat indices)`` in order to a ``[tokens, ...]`` tensor."""
-    h = hidden.unsqueeze(0)
+# -- the edits, as custom operators ------------------------------------------------------------------
+
+def _add_edits(x: torch.Tensor, edits: list[tuple[nn.Module, torch.Tensor]], index_of: Any = None) -> None:
+    """Add each intervention's delta at its token indices of ``x`` (``[tokens, ...]``), in order, in place.
+
+    ``index_of`` maps flat token indices to rows of ``x`` (``None``: they are the rows)."""
     for intervention, index in edits:
-        pos = index.to(h.device).unsqueeze(0)
-        rows = torch.zeros_like(pos)
-        h = apply_at_positions(h, intervention, rows, pos, None)  # type: ignore[arg-type]
-    return h.squeeze(0)
+        rows = index.to(x.device)
+        if index_of is not None:
+            rows = index_of(rows)
+        x.index_put_((rows,), intervention.delta(x[rows]), accumulate=True)
 
 
-def _block_output_hook(step: _StepState, site: tuple[int, str]):
+@torch.library.custom_op("reftlib::edit_stream", mutates_args=("hidden", "residual"))
+def _edit_stream(hidden: torch.Tensor, residual: torch.Tensor, slot: int, layer: int) -> None:
+    """``block_output`` of a layer returning ``(hidden, residual)``: at each edited token, ``hidden`` becomes the
+    edited residual stream ``hidden + residual + delta`` and ``residual`` zero; other tokens are untouched."""
+    edits = _STEPS[slot].edits.get((layer, "block_output"))
+    if not edits:
+        return
+    rows = torch.unique(torch.cat([index for _, index in edits])).to(hidden.device)
+    stream = hidden[rows] + residual[rows]
+    _add_edits(stream, edits, lambda index: torch.searchsorted(rows, index))
+    hidden[rows] = stream
+    residual[rows] = 0
+
+
+@_edit_stream.register_fake
+def _edit_stream_fake(hidden: torch.Tensor, residual: torch.Tensor, slot: int, layer: int) -> None:
+    return None
+
+
+@torch.library.custom_op("reftlib::edit_tokens", mutates_args=("x",))
+def _edit_tokens(x: torch.Tensor, slot: int, layer: int, component: str, num_heads: int) -> None:
+    """Edit the ``[tokens, features]`` tensor of a site in place (viewed as ``[tokens, heads, head_dim]``
+    when ``num_heads`` > 0)."""
+    edits = _STEPS[slot].edits.get((layer, component))
+    if not edits:
+        return
+    _add_edits(x.unflatten(-1, (num_heads, -1)) if num_heads > 0 else x, edits)
+
+
+@_edit_tokens.register_fake
+def _edit_tokens_fake(x: torch.Tensor, slot: int, layer: int, component: str, num_heads: int) -> None:
+    return None
+
+
+def _block_output_hook(slot: int, layer: int):
     def hook(module: nn.Module, args: tuple, output: Any):
-        edits = step.edits.get(site)
-        if not edits:
-            return None
         hidden, residual = output
-        stream = hidden if residual is None else hidden + residual
-        return _edit_flat(stream, edits), torch.zeros_like(stream)
+        if residual is None:
+            torch.ops.reftlib.edit_tokens(hidden, slot, layer, "block_output", 0)
+        else:
+            torch.ops.reftlib.edit_stream(hidden, residual, slot, layer)
+        return None
 
     return hook
 
 
-def _head_output_hook(step: _StepState, site: tuple[int, str], num_heads: int | None):
+def _head_output_hook(slot: int, layer: int, num_heads: int):
     def hook(module: nn.Module, args: tuple):
-        edits = step.edits.get(site)
-        if not edits or not args:
-            return None
-        z = args[0]
-        heads = z.unflatten(-1, (num_heads, z.shape[-1] // num_heads))
-        return (_edit_flat(heads, edits).flatten(-2), *args[1:])
+        torch.ops.reftlib.edit_tokens(args[0], slot, layer, "head_output", num_heads)
+        return None
 
     return hook
+
+
+# -- compiled engines: a model class that installs the hooks as it is built -----------------------
+
+#: The vLLM model classes reftlib subclasses for compiled engines: ``{architecture: vLLM model module}``.
+COMPILED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                          "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma"}
+
+#: The prefix of the registered subclasses' names (``ReftlibLlamaForCausalLM``, ...).
+MODEL_CLASS_PREFIX = "Reftlib"
+
+#: The ``additional_config`` entry that lists the sites a compiled engine hooks.
+CONFIG_KEY = "reftlib"
+
+
+def register_models() -> None:
+    """vLLM general plugin (entry point ``vllm.general_plugins``): register the ``Reftlib<Architecture>`` classes.
+
+    vLLM calls it in each of its processes. Registration is lazy (a ``module:Class`` name), so
+    nothing is built, and no engine changes, unless an engine's ``hf_overrides`` selects one.
+    """
+    try:
+        from vllm import ModelRegistry
+    except ImportError:
+        return
+    for architecture in COMPILED_ARCHITECTURES:
+        name = MODEL_CLASS_PREFIX + architecture
+        ModelRegistry.register_model(name, f"{__name__}:{name}")
+
+
+def __getattr__(name: str) -> type:
+    """Build a ``Reftlib<Architecture>`` class on first use (vLLM's registry imports it by name)."""
+    architecture = name[len(MODEL_CLASS_PREFIX):] if name.startswith(MODEL_CLASS_PREFIX) else None
+    if architecture not in COMPILED_ARCHITECTURES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = globals()[name] = _hooked_model_class(architecture)
+    return cls
+
+
+def _hooked_model_class(architecture: str) -> type:
+    """A subclass of vLLM's ``architecture`` class whose instances hook the sites in ``additional_config``."""
+    import importlib
+
+    base = getattr(importlib.import_module(f"vllm.model_executor.models.{COMPILED_ARCHITECTURES[architecture]}"),
+                   architecture)
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        settings = (vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        sites = [(int(layer), str(component)) for layer, component in settings.get("sites", ())]
+        _install_site_hooks(self, sites, int(vllm_config.model_config.hf_config.num_attention_heads))
+
+    return type(MODEL_CLASS_PREFIX + architecture, (base,), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"vLLM's {architecture} with reftlib's site hooks installed before vLLM compiles it."})
+
+
+def engine_settings(model_config: Mapping[str, Any], adapters: Iterable[ServedAdapter],
+                    llm_kwargs: Mapping[str, Any], *, platform: str) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments that serve ``adapters``, given the user's ``llm_kwargs`` and vLLM's platform.
+
+    Always the worker extension. Eager (``enforce_eager=True`` asked for, or forced with a logged
+    reason): nothing else. Compiled (the default on vLLM's ``cpu`` platform, as vLLM's own default
+    is to compile): ``hf_overrides`` selecting the ``Reftlib<Architecture>`` class and
+    ``additional_config["reftlib"]`` naming the sites it hooks (vLLM's compile cache key includes
+    both, so a graph compiled for other sites is never reused).
+    """
+    settings: dict[str, Any] = {"worker_extension_cls": WORKER_EXTENSION}
+    if llm_kwargs.get("enforce_eager", False):
+        return {**settings, "enforce_eager": True}
+    architectures = list(model_config.get("architectures") or [])
+    architecture = architectures[0] if architectures else None
+    overrides = llm_kwargs.get("hf_overrides")
+    reason = None
+    if platform != "cpu":
+        reason = (f"vLLM's {platform} platform replays CUDA graphs, which would repeat one step's edits; "
+                  "reftlib's hooks are verified under compilation on the cpu platform only")
+    elif architecture not in COMPILED_ARCHITECTURES:
+        reason = (f"architecture {architecture!r} has no reftlib model class for compiled engines "
+                  f"({sorted(COMPILED_ARCHITECTURES)})")
+    elif overrides is not None and (not isinstance(overrides, Mapping) or "architectures" in overrides):
+        reason = "hf_overrides is a function or sets architectures, which reftlib's model class needs to set"
+    if reason is not None:
+        logger.warning("reftlib serves this engine with enforce_eager=True: %s", reason)
+        return {**settings, "enforce_eager": True}
+    additional = dict(llm_kwargs.get("additional_config") or {})
+    additional[CONFIG_KEY] = {"sites": [[layer, component] for layer, component in adapter_sites(adapters)]}
+    return {**settings, "enforce_eager": False, "additional_config": additional,
+            "hf_overrides": {**(overrides or {}), "architectures": [MODEL_CLASS_PREFIX + architecture]}}
+
+
+def vllm_platform() -> str:
+    """vLLM's platform in this process (``"cpu"``, ``"cuda"``, ...)."""
+    from vllm.platforms import current_platform
+
+    return str(current_platform.device_type)
+
 
 
 # -- the OpenAI-compatible server (``reftlib serve``) ------------------------------------------------
 
-def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str) -> argparse.Namespace:
-    """Parse ``vllm serve`` options for ``model`` and set what the adapters need.
+def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str,
+                     model_config: Mapping[str, Any] | None = None,
+                     adapters: Iterable[ServedAdapter] = ()) -> argparse.Namespace:
+    """Parse ``vllm serve`` options for ``model`` and set what the ``adapters`` need.
 
-    Forces ``enforce_eager`` and the worker extension, adds ``middleware`` (the adapter router) and
+    Sets the worker extension and what :func:`engine_settings` decides (compiled with reftlib's
+    model class on the CPU platform, else eager), adds ``middleware`` (the adapter router) and
     refuses settings the hooks cannot work under: tensor or pipeline parallelism, several API
     server processes (the router's routes live in this process), another worker extension.
     """
@@ -280,8 +483,10 @@ def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str) -
             raise ReftConfigError(f"reftlib serve serves adapters with --{option.replace('_', '-')} 1 only")
     if (getattr(args, "api_server_count", None) or 1) != 1 or getattr(args, "headless", False):
         raise ReftConfigError("reftlib serve runs one API server process (drop --api-server-count / --headless)")
-    args.enforce_eager = True
-    args.worker_extension_cls = WORKER_EXTENSION
+    llm_kwargs = {"enforce_eager": bool(args.enforce_eager), "hf_overrides": args.hf_overrides or None,
+                  "additional_config": args.additional_config or None}
+    for key, value in engine_settings(model_config or {}, adapters, llm_kwargs, platform=vllm_platform()).items():
+        setattr(args, key, value)
     args.middleware = [*(args.middleware or []), middleware]
     return args
 
