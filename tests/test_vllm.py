@@ -247,3 +247,24 @@ def test_other_architectures_are_refused(setup, tmp_path):
     with pytest.raises(reftlib.AdapterError, match="'gpt2'"):
         load_served_adapter("default", folder, {"model_type": "gpt2", "num_hidden_layers": 30, "hidden_size": 576,
                                                 "num_attention_heads": 9})
+
+
+def test_an_adapter_on_a_new_site_after_start_up(setup, tmp_path):
+    """Loading an adapter into a running engine (``reft_load_adapters`` over ``collective_rpc``): an eager
+    engine hooks the new site; a compiled one refuses it, naming the fix (hooks added after compilation
+    would never run), and goes on serving. Last in the module: it changes the engine."""
+    from reftlib.offline import load_default_model
+
+    engine = setup[0]
+    model, _ = load_default_model(dtype=torch.float32)
+    reftlib.get_reft_model(model, {"layer": 7, "component": "block_output", "low_rank_dimension": 2, "positions": "l1"},
+                           set_device=False).save_pretrained(tmp_path)
+    sources = {"late": (str(tmp_path), None)}
+    if engine.llm.llm_engine.vllm_config.model_config.enforce_eager:
+        assert "late" in engine.llm.collective_rpc("reft_load_adapters", args=(sources, engine.model_config))[0]
+        assert [7, "block_output"] in engine.llm.collective_rpc("reft_engine_mode")[0]["sites"]
+    else:
+        with pytest.raises(Exception, match=r"compiled without the sites \[\(7, 'block_output'\)\]"):
+            engine.llm.collective_rpc("reft_load_adapters", args=(sources, engine.model_config))
+        assert [7, "block_output"] not in engine.llm.collective_rpc("reft_engine_mode")[0]["sites"]
+    _check_served(setup, [(setup[2][0], "default"), (setup[2][1], None)])
