@@ -348,7 +348,7 @@ def overrides_of(settings: dict[str, Any], defaults: dict[str, Any], prefix: str
 def combine(args) -> None:
     """``--combine``: the sections for ``args.task`` from saved runs (the first one's table, with its wall times,
     then every run's methods over the seeds, the claims and, when run, the localization ablation)."""
-    from lofit_tables import load_runs, render_exact_match
+    from lofit_tables import load_runs, render_exact_match, replaced_note
 
     first = json.loads(Path(args.combine[0]).read_text())
     if first.get("task") != args.task:
@@ -371,7 +371,7 @@ def combine(args) -> None:
     sections = render_exact_match(rows, get_task_spec(args.task).title, n_val=" / ".join(map(str, val_n)) or None)
     files = ", ".join(f"`benchmarks/results/{h['file']}`" for h in headers)
     text = "\n\n".join([report(first["results"], settings, first["machine"], run_args, settings_from=rows),
-                         sections["main"], f"Runs: {files}."])
+                         sections["main"], f"Runs: {files}.{replaced_note(headers)}"])
     section = args.section or args.task
     print(text)
     if not args.no_write:

@@ -92,16 +92,34 @@ def exact_match_row(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_runs(paths: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every result row of the files (each tagged with its seed and kind), and each file's header."""
-    rows, headers = [], []
+    """Every result row of the files (each tagged with its seed, kind and file), and each file's header.
+
+    A trained method's row replaces an earlier file's row of the same method and seed (a re-run); the
+    header of the file whose row was replaced lists it under ``"replaced"``, so the tables can say so."""
+    rows: list[dict[str, Any]] = []
+    headers: list[dict[str, Any]] = []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        headers.append({"file": Path(path).name, "settings": data["settings"], "machine": data["machine"],
-                        "task": data.get("task", "truthfulqa")})
+        header = {"file": Path(path).name, "settings": data["settings"], "machine": data["machine"],
+                  "task": data.get("task", "truthfulqa"), "replaced": []}
+        headers.append(header)
         for r in data["results"]:
             r = exact_match_row(r) if "accuracy" in r else r
-            rows.append({**r, "seed": r.get("seed", data["settings"]["seed"]), "kind": kind_of(r)})
+            r = {**r, "seed": r.get("seed", data["settings"]["seed"]), "kind": kind_of(r), "file": header["file"]}
+            earlier = next((i for i, old in enumerate(rows) if r["kind"] != "base" and old["file"] != header["file"]
+                            and (old["method"], old["seed"]) == (r["method"], r["seed"])), None)
+            if earlier is not None:
+                old = rows.pop(earlier)
+                next(h for h in headers if h["file"] == old["file"])["replaced"].append(
+                    f"{old['method']}, seed {old['seed']} (by `{header['file']}`)")
+            rows.append(r)
     return rows, headers
+
+
+def replaced_note(headers: Sequence[dict[str, Any]]) -> str:
+    """A sentence naming the rows a later run replaced (empty when none was)."""
+    replaced = [f"`{h['file']}`: {item}" for h in headers for item in h.get("replaced", ())]
+    return (" Rows replaced by a later run of the same method and seed: " + "; ".join(replaced) + ".") if replaced else ""
 
 
 def by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -310,7 +328,7 @@ def render(rows: Sequence[dict[str, Any]], headers: Sequence[dict[str, Any]],
         "",
         *settings,
         "",
-        f"Runs: {files}.",
+        f"Runs: {files}.{replaced_note(headers)}",
         "",
         "Machines: " + " | ".join(machines),
     ])

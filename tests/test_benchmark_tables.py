@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -172,3 +173,24 @@ def test_contrast_pairs_share_a_prompt_and_differ_in_the_answer(task):
         else:
             assert right == rows[prompt].answer and wrong == rows[prompt].original_answer
             assert wrong.lower() != right.lower()
+
+
+def test_a_later_run_replaces_the_same_method_and_seed(tmp_path):
+    """Combining runs: a re-run of a method on a seed replaces the earlier file's row (not a third seed),
+    other rows stay, and the tables name what was replaced."""
+    def run(name: str, seed: int, rows: list[dict]) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": {"seed": seed}, "machine": {}, "results": rows}))
+        return path
+
+    loreft = "LoReFT (rank 4, layer 15, last prompt token)"
+    first = run("first.json", 42, [{"method": "base model", "mc1": 0.2, "mc2": 0.4, "n": 4},
+                                   {"method": loreft, "mc1": 0.5, "mc2": 0.6, "n": 4}])
+    again = run("again.json", 42, [{"method": loreft, "mc1": 0.75, "mc2": 0.7, "n": 4}])
+    other_seed = run("other.json", 43, [{"method": loreft, "mc1": 0.25, "mc2": 0.5, "n": 4}])
+    rows, headers = lofit_tables.load_runs([first, again, other_seed])
+    assert [(r["method"], r["seed"], r["mc1"]) for r in rows] == [
+        ("base model", 42, 0.2), (loreft, 42, 0.75), (loreft, 43, 0.25)]
+    assert headers[0]["replaced"] == [f"{loreft}, seed 42 (by `again.json`)"] and not headers[1]["replaced"]
+    assert "`first.json`: " + loreft in lofit_tables.replaced_note(headers)
+    assert lofit_tables.replaced_note(headers[1:]) == ""
