@@ -120,13 +120,12 @@ _STEPS: list[_StepState] = []
 
 
 class _HookedSites:
-    """What :func:`_install_site_hooks` put on one model: its slot in :data:`_STEPS`, its sites, the handles."""
+    """What :func:`_install_site_hooks` put on one model: its slot in :data:`_STEPS` and its sites."""
 
     def __init__(self) -> None:
         self.slot = len(_STEPS)
         _STEPS.append(_StepState())
         self.sites: set[tuple[int, str]] = set()
-        self.handles: list[Any] = []
 
     @property
     def step(self) -> _StepState:
@@ -144,13 +143,11 @@ def _install_site_hooks(model: nn.Module, sites: Sequence[tuple[int, str]], num_
         if (layer, component) in hooked.sites:
             continue
         if component == "block_output":
-            handle = layers[layer].register_forward_hook(_block_output_hook(hooked.slot, layer))
+            layers[layer].register_forward_hook(_block_output_hook(hooked.slot, layer))
         elif component == "head_output":
-            handle = layers[layer].self_attn.o_proj.register_forward_pre_hook(
-                _head_output_hook(hooked.slot, layer, num_heads))
+            layers[layer].self_attn.o_proj.register_forward_pre_hook(_head_output_hook(hooked.slot, layer, num_heads))
         else:
             raise AdapterError(f"component {component!r} cannot be served; served components: {SERVED_COMPONENTS}")
-        hooked.handles.append(handle)
         hooked.sites.add((layer, component))
     return hooked
 
@@ -180,9 +177,8 @@ class ReftWorkerExtension:
             raise AdapterError(f"adapters {clash} are already loaded in this engine; choose other names")
         model = runner.get_model()
         sites = adapter_sites(built.values())
-        if compiled:
-            installed = getattr(model, "reftlib_sites", None)
-            missing = sorted(set(sites) - (installed.sites if installed else set()))
+        if compiled:  # _check_runner made sure the model class hooked its sites as it was built
+            missing = sorted(set(sites) - model.reftlib_sites.sites)
             if missing:
                 raise AdapterError(
                     f"this engine was compiled without the sites {missing} that adapters {sorted(built)} edit; "
@@ -456,9 +452,8 @@ def vllm_platform() -> str:
 
 # -- the OpenAI-compatible server (``reftlib serve``) ------------------------------------------------
 
-def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str,
-                     model_config: Mapping[str, Any] | None = None,
-                     adapters: Iterable[ServedAdapter] = ()) -> argparse.Namespace:
+def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str, model_config: Mapping[str, Any],
+                     adapters: Iterable[ServedAdapter]) -> argparse.Namespace:
     """Parse ``vllm serve`` options for ``model`` and set what the ``adapters`` need.
 
     Sets the worker extension and what :func:`engine_settings` decides (compiled with reftlib's
@@ -485,7 +480,7 @@ def server_arguments(model: str, vllm_args: Sequence[str], *, middleware: str,
         raise ReftConfigError("reftlib serve runs one API server process (drop --api-server-count / --headless)")
     llm_kwargs = {"enforce_eager": bool(args.enforce_eager), "hf_overrides": args.hf_overrides or None,
                   "additional_config": args.additional_config or None}
-    for key, value in engine_settings(model_config or {}, adapters, llm_kwargs, platform=vllm_platform()).items():
+    for key, value in engine_settings(model_config, adapters, llm_kwargs, platform=vllm_platform()).items():
         setattr(args, key, value)
     args.middleware = [*(args.middleware or []), middleware]
     return args
